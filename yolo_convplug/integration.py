@@ -1,0 +1,299 @@
+"""Teach Ultralytics' model parser the registered module names, without editing Ultralytics' files.
+
+``parse_model`` decides how to build each YAML row by testing the module class against sets that are locals of
+the function (``base_modules``/``repeat_modules`` in 8.3.x-8.4.x, inline set literals in early 8.3 releases).
+:func:`patch_tasks` rewrites the function's syntax tree so that
+
+- every set that contains ``Conv`` also contains the registered conv- and repeat-role classes,
+- every set that contains ``C2f`` but not ``Conv`` (the "repeat" set) also contains the repeat-role classes,
+- a new first branch builds keep-role classes (``c1`` inserted, channels kept),
+- a top-level ``legacy: false`` in the YAML selects the modern (YOLO11) detection head even without ``C3k2``,
+
+and compiles it back with the module's globals; everything else Ultralytics does is untouched. The result is
+wrapped to check every row's module name first (unknown names get the closest known ones) and to re-raise a
+construction error with the layer index, the module, its arguments and the expected signature.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import inspect
+import sys
+import types
+
+from .registry import classes_with_role, registered
+
+SUPPORTED_RANGE = ">=8.3.0,<8.5"
+_HELPER = "_yolo_convplug_modules"  # injected into ultralytics.nn.tasks' globals, read by the patched parse_model
+
+
+class UnsupportedUltralyticsError(RuntimeError):
+    """The installed Ultralytics' ``parse_model`` does not have a shape this package knows how to extend."""
+
+
+class ModelYamlError(ValueError):
+    """A model YAML row that cannot be built: names the layer, the module and the fix."""
+
+
+def ultralytics_version() -> str:
+    from importlib.metadata import version
+
+    return version("ultralytics")
+
+
+def _in_supported_range(ver: str) -> bool:
+    parts = tuple(int(p) for p in ver.split(".")[:2] if p.isdigit())
+    return (8, 3) <= parts < (8, 5)
+
+
+def _set_names(node: ast.AST) -> set[str] | None:
+    """The names in a ``{A, B}`` or ``frozenset({A, B})`` expression, else None."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "frozenset" and node.args:
+        node = node.args[0]
+    if isinstance(node, ast.Set):
+        return {e.id for e in node.elts if isinstance(e, ast.Name)}
+    return None
+
+
+def _helper_call(*roles: str) -> ast.Call:
+    return ast.Call(ast.Name(_HELPER, ast.Load()), [ast.Constant(r) for r in roles], [])
+
+
+class _ParseModelTransformer(ast.NodeTransformer):
+    """Extends parse_model's membership sets with the registry (see module docstring)."""
+
+    def __init__(self):
+        self.conv_sets = 0
+        self.repeat_sets = 0
+        self.conv_set_names: set[str] = set()  # local variables bound to the extended Conv set, e.g. base_modules
+        self.keep_branch = False
+        self.legacy_hook = False
+
+    def visit_Assign(self, node):
+        names = _set_names(node.value)
+        self.generic_visit(node)
+        if names and "Conv" in names:
+            self.conv_set_names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        if [getattr(t, "id", None) for t in node.targets] == ["legacy"] and getattr(node.value, "value", 0) is True:
+            self.legacy_hook = True
+            hook = ast.parse('legacy = d.get("legacy", legacy)').body[0]
+            return [node, ast.copy_location(hook, node)]
+        return node
+
+    def _extend(self, node):
+        names = _set_names(node)
+        if names is None or "Conv" not in names and "C2f" not in names:
+            return None
+        if "Conv" in names:
+            self.conv_sets += 1
+            extra = _helper_call("conv", "repeat")
+        else:
+            self.repeat_sets += 1
+            extra = _helper_call("repeat")
+        return ast.copy_location(ast.BinOp(node, ast.BitOr(), extra), node)
+
+    def visit_Call(self, node):
+        return self._extend(node) or self.generic_visit(node)
+
+    def visit_Set(self, node):
+        return self._extend(node) or self.generic_visit(node)
+
+    def visit_If(self, node):
+        test = node.test
+        is_conv_branch = (
+            isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name)
+            and test.left.id == "m"
+            and isinstance(test.ops[0], ast.In)
+            and (
+                (isinstance(test.comparators[0], ast.Name) and test.comparators[0].id in self.conv_set_names)
+                or "Conv" in (_set_names(test.comparators[0]) or ())
+            )
+        )
+        self.generic_visit(node)
+        if not is_conv_branch or self.keep_branch:
+            return node
+        self.keep_branch = True
+        keep = ast.parse(f'if m in {_HELPER}("keep"):\n    c2 = ch[f]\n    args = [c2, *args]').body[0]
+        keep.orelse = [node]
+        return ast.fix_missing_locations(ast.copy_location(keep, node))
+
+
+def _patched_parse_model(tasks: types.ModuleType):
+    """Compile the extended ``parse_model`` against ``tasks``' globals; raise if its shape is not recognised."""
+    original = tasks.parse_model
+    try:
+        source = inspect.getsource(original)
+        first_line = inspect.getsourcelines(original)[1]
+    except (OSError, TypeError) as e:
+        raise UnsupportedUltralyticsError(_unsupported(f"the source of parse_model is unavailable ({e})")) from None
+    tree = ast.parse(source)
+    transformer = _ParseModelTransformer()
+    tree = ast.fix_missing_locations(transformer.visit(tree))
+    if not (transformer.conv_sets and transformer.repeat_sets and transformer.keep_branch):
+        raise UnsupportedUltralyticsError(
+            _unsupported(
+                f"parse_model's shape was not recognised (Conv sets: {transformer.conv_sets}, C2f repeat sets: "
+                f"{transformer.repeat_sets}, Conv branch found: {transformer.keep_branch})"
+            )
+        )
+    ast.increment_lineno(tree, first_line - 1)  # tracebacks point at the real lines of tasks.py
+    namespace: dict = {}
+    exec(compile(tree, inspect.getsourcefile(original) or "<parse_model>", "exec"), vars(tasks), namespace)
+    return namespace["parse_model"]
+
+
+def _unsupported(reason: str) -> str:
+    return (
+        f"yolo-convplug cannot extend Ultralytics {ultralytics_version()}: {reason}. Supported Ultralytics: "
+        f"{SUPPORTED_RANGE}. Fix: pip install 'ultralytics{SUPPORTED_RANGE}'."
+    )
+
+
+def _sync_names(tasks: types.ModuleType) -> None:
+    """Register the built-in modules (first call) and expose every registered class in ``tasks``' globals."""
+    import yolo_convplug  # noqa: F401  (importing registers the built-in modules)
+
+    for name, entry in registered().items():
+        setattr(tasks, name, entry.cls)
+
+
+def _row_error(i: int, row, message: str) -> ModelYamlError:
+    return ModelYamlError(f"model YAML layer {i} {row!r}: {message}")
+
+
+def _check_rows(d: dict, tasks: types.ModuleType) -> None:
+    """Check every row's shape and module name before Ultralytics starts building."""
+    import torch
+
+    known = [k for k, v in vars(tasks).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)]
+    for i, row in enumerate(d.get("backbone", []) + d.get("head", [])):
+        if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
+            raise _row_error(i, row, "each row must be [from, repeats, module, [args]]")
+        name = row[2]
+        if not isinstance(name, str):
+            raise _row_error(i, row, f"the module must be a name, got {type(name).__name__}")
+        if name.startswith(("nn.", "torchvision.ops.")) or name in vars(tasks):
+            continue
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise _row_error(
+            i,
+            row,
+            f"unknown module {name!r}.{hint} Your own module: decorate it with @yolo_convplug.register(role=...) "
+            "and import it before building the model.",
+        )
+
+
+def _failing_layer(tb, code: types.CodeType):
+    """The locals of the patched parse_model frame in a traceback, if the error happened while building a layer."""
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return tb.tb_frame.f_locals
+        tb = tb.tb_next
+    return None
+
+
+def _expected_args(m) -> str:
+    try:
+        params = list(inspect.signature(m).parameters)
+    except (TypeError, ValueError):
+        return ""
+    role = next((e.role for e in registered().values() if e.cls is m), None)
+    inserted = {"conv": 1, "keep": 1, "repeat": 1}.get(role, 0)
+    shown = ", ".join(p for p in params[inserted:] if p not in ("args", "kwargs"))
+    where = "after the inserted input channels c1" if inserted else "as written"
+    return f" Expected YAML args ({where}): [{shown}]."
+
+
+def _make_wrapper(tasks: types.ModuleType, patched, original):
+    @functools.wraps(original)
+    def parse_model(d, ch, verbose=True):
+        _sync_names(tasks)
+        _check_rows(d, tasks)
+        try:
+            return patched(d, ch, verbose)
+        except Exception as e:
+            frame = _failing_layer(e.__traceback__, patched.__code__)
+            if frame is None or "i" not in frame:
+                raise
+            i, m = frame["i"], frame.get("m")
+            rows = d.get("backbone", []) + d.get("head", [])
+            name = getattr(m, "__name__", m)
+            message = (
+                f"{name} could not be built with arguments {frame.get('args')!r} "
+                f"({type(e).__name__}: {e}).{_expected_args(m)}"
+            )
+            err = _row_error(i, rows[i] if i < len(rows) else None, message)
+            err.original = e
+            raise err from None
+
+    parse_model.__wrapped__ = original
+    parse_model._yolo_convplug = True
+    return parse_model
+
+
+def _unsupported_wrapper(tasks: types.ModuleType, original, error: Exception):
+    """Fallback when the shape is unknown: stock models still build; a YAML naming our modules gets ``error``."""
+
+    @functools.wraps(original)
+    def parse_model(d, ch, verbose=True):
+        names = {row[2] for row in d.get("backbone", []) + d.get("head", []) if len(row) == 4}
+        if names & set(registered()):
+            raise UnsupportedUltralyticsError(str(error))
+        return original(d, ch, verbose)
+
+    parse_model._yolo_convplug = True
+    return parse_model
+
+
+def _fuse_plugins(model) -> None:
+    """Fold BN in every registered module that can (``fuse()`` is idempotent), before Ultralytics' own fuse."""
+    plugin_classes = tuple(e.cls for e in registered().values())
+    for m in list(model.modules()):
+        if isinstance(m, plugin_classes) and callable(getattr(m, "fuse", None)):
+            m.fuse()
+
+
+def _patch_fuse(tasks: types.ModuleType) -> None:
+    original = tasks.BaseModel.fuse
+    if getattr(original, "_yolo_convplug", False):
+        return
+
+    @functools.wraps(original)
+    def fuse(self, *args, **kwargs):
+        _fuse_plugins(self)
+        return original(self, *args, **kwargs)
+
+    fuse._yolo_convplug = True
+    tasks.BaseModel.fuse = fuse
+
+
+def patch_tasks(tasks: types.ModuleType | None = None) -> None:
+    """Patch ``ultralytics.nn.tasks`` (idempotent). Called by the start-up hook and by ``import yolo_convplug``.
+
+    Raises:
+        UnsupportedUltralyticsError: the installed Ultralytics has a ``parse_model`` of unknown shape; stock models
+            keep working and a YAML that names one of our modules raises the same error.
+    """
+    if tasks is None:
+        import ultralytics.nn.tasks as tasks
+    if getattr(tasks.parse_model, "_yolo_convplug", False):
+        return
+    original = tasks.parse_model
+    setattr(tasks, _HELPER, lambda *roles: frozenset().union(*(classes_with_role(r) for r in roles)))
+    _patch_fuse(tasks)
+    try:
+        patched = _patched_parse_model(tasks)
+    except UnsupportedUltralyticsError as e:
+        tasks.parse_model = _unsupported_wrapper(tasks, original, e)
+        raise
+    if not _in_supported_range(ultralytics_version()):
+        print(
+            f"WARNING yolo-convplug: Ultralytics {ultralytics_version()} is outside the tested range "
+            f"{SUPPORTED_RANGE}; its parser shape was recognised, so the modules are enabled.",
+            file=sys.stderr,
+        )
+    tasks.parse_model = _make_wrapper(tasks, patched, original)

@@ -1,0 +1,9 @@
+"""The convolution modules of yolo-convplug, one concept a file."""
+
+from .condconv import CondConv
+from .dsconv import DSConv2d
+from .faster import C2f_Faster, FasterBlock, PConv
+from .saconv import SAConv2d
+from .scconv import ScConv
+
+__all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "PConv", "FasterBlock", "C2f_Faster")
