@@ -3,8 +3,9 @@
 For each module at YOLOv8n-like shapes it measures, in one run and interleaved repeat by repeat (module, baseline,
 reference, module, ...) so drift on a shared machine hits all three alike:
 
-- eval forward (``torch.no_grad``) and train forward+backward (random upstream gradient, input requiring grad)
-  median milliseconds over ``--repeats`` after ``--warmup`` untimed rounds;
+- eval forward (``torch.no_grad``), the same after fusing (module's ``fuse()`` then Ultralytics' Conv-BN folding,
+  module and baseline only) and train forward+backward (random upstream gradient, input requiring grad), median
+  milliseconds over ``--repeats`` after ``--warmup`` untimed rounds;
 - params, and GFLOPs per image (batch 1) two ways: Ultralytics' counter (``thop``, 2 x MACs, what ``model.info()``
   shows; it only sees ``nn.Conv2d``-like layers, so convolutions done with ``F.conv2d`` count as 0) and PyTorch's
   ``FlopCounterMode`` (every aten conv/matmul, whatever module issues it);
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from yolo_convplug.modules._utils import fuse_convs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the naive references live next to the tests
@@ -130,6 +133,14 @@ def gflops(m, x) -> tuple[float, float]:
     return thop_flops, counter.get_total_flops() / 1e9
 
 
+def deployed(m):
+    """A fused eval copy, as the patched ``BaseModel.fuse`` makes it: the module's ``fuse()``, then Ultralytics'."""
+    m = copy.deepcopy(m).eval()
+    if callable(getattr(m, "fuse", None)):
+        m = m.fuse()
+    return fuse_convs(m)
+
+
 def measure(models: dict, c1: int, hw: int, batch: int, repeats: int, warmup: int) -> dict:
     """All numbers of one shape for the models ``{"": module, "base": baseline, "ref": reference}``."""
     x = torch.randn(batch, c1, hw, hw)
@@ -140,14 +151,13 @@ def measure(models: dict, c1: int, hw: int, batch: int, repeats: int, warmup: in
     for k, m in models.items():
         row[f"params{k}"] = sum(p.numel() for p in m.parameters())
         row[f"gflops_thop{k}"], row[f"gflops_aten{k}"] = gflops(m, x[:1])
-    for m in models.values():
-        m.eval()
-    fwd = median_ms({k: forward_step(m, x) for k, m in models.items()}, repeats, warmup)
-    for m in models.values():
-        m.train()
-    fwdbwd = median_ms({k: train_step(m, xg, grads[k]) for k, m in models.items()}, repeats, warmup)
-    for k in models:
-        row[f"fwd{k}"], row[f"fwdbwd{k}"] = fwd[k], fwdbwd[k]
+    fused = {f"{k}_fused": deployed(models[k]) for k in ("", "base")}
+    evals = {**{k: m.eval() for k, m in models.items()}, **fused}
+    fwd = median_ms({k: forward_step(m, x) for k, m in evals.items()}, repeats, warmup)
+    fwdbwd = median_ms({k: train_step(m.train(), xg, grads[k]) for k, m in models.items()}, repeats, warmup)
+    row.update({f"fwd{k}": v for k, v in fwd.items()})
+    row.update({f"fwdbwd{k}": v for k, v in fwdbwd.items()})
+    row["fwd_fused/base"] = row["fwd_fused"] / row["fwdbase_fused"]
     for k in ("base", "ref"):
         if k in models:
             for col in ("fwd", "fwdbwd", "params", "gflops_thop", "gflops_aten"):
@@ -207,16 +217,21 @@ def main():
         ref = load(f"ref_{case.file}")
         make_reference = getattr(ref, "make_reference", None)
         case_rows = []
-        for shape_args, hw, batch in case.shapes[:1] if args.quick else case.shapes:
-            models = {"": build(*shape_args, **case.kwargs), "base": baselines[case.baseline](*shape_args)}
-            if make_reference:
-                models["ref"] = make_reference(*shape_args)
-            row = {"module": case.name, "shape": str(shape_args), "hw": hw, "batch": batch}
-            row.update(measure(models, shape_args[0], hw, batch, args.repeats, args.warmup))
-            case_rows.append(row)
-            print(format_row(row))
+        try:  # a module still being written must not cost the other modules' results
+            for shape_args, hw, batch in case.shapes[:1] if args.quick else case.shapes:
+                models = {"": build(*shape_args, **case.kwargs), "base": baselines[case.baseline](*shape_args)}
+                if make_reference:
+                    models["ref"] = make_reference(*shape_args)
+                row = {"module": case.name, "shape": str(shape_args), "hw": hw, "batch": batch}
+                row.update(measure(models, shape_args[0], hw, batch, args.repeats, args.warmup))
+                case_rows.append(row)
+                print(format_row(row))
+        except Exception as e:
+            print(f"  failed: {type(e).__name__}: {e}")
+            verdicts.append(f"  {case.name:<11} failed at {shape_args}: {type(e).__name__}: {e}")
         rows += case_rows
-        verdicts += verdict(case, case_rows)
+        if case_rows:
+            verdicts += verdict(case, case_rows)
 
     print("\nTargets (issue 2), worst shape:")
     print("\n".join(verdicts))
@@ -233,7 +248,8 @@ def format_row(r: dict) -> str:
     return (
         f"  {r['shape']:<22} {r['hw']:>3}x{r['hw']:<3} b{r['batch']:<2}"
         f" fwd {r['fwd']:7.1f} fwd+bwd {r['fwdbwd']:7.1f} ms"
-        f" | base {r['fwdbase']:7.1f}/{r['fwdbwdbase']:7.1f} ms x{r['fwd/base']:.2f}/x{r['fwdbwd/base']:.2f}{ref}"
+        f" | base {r['fwdbase']:7.1f}/{r['fwdbwdbase']:7.1f} ms x{r['fwd/base']:.2f}/x{r['fwdbwd/base']:.2f}"
+        f" fused fwd {r['fwd_fused']:.1f}/{r['fwdbase_fused']:.1f} ms x{r['fwd_fused/base']:.2f}{ref}"
         f" | params {r['params']:>7} (x{r['params/base']:.2f}) GFLOPs thop {r['gflops_thop']:.3f}"
         f" aten {r['gflops_aten']:.3f} (x{r['gflops_aten/base']:.2f})"
     )

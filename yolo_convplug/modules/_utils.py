@@ -1,9 +1,10 @@
-"""Small helpers shared by the convolution modules: activation resolution and argument checks."""
+"""Small helpers shared by the convolution modules: activation resolution, argument checks, BN folding."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 from ultralytics.nn.modules.conv import Conv
+from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 
 def resolve_act(act) -> nn.Module:
@@ -36,3 +37,13 @@ def require_int(module: str, argument: str, value, minimum: int = 1) -> None:
         value,
         f"it must be an integer >= {minimum}",
     )
+
+
+def fuse_convs(module: nn.Module) -> nn.Module:
+    """Fold the BN of every Ultralytics ``Conv`` inside ``module`` into its conv, as ``BaseModel.fuse`` does."""
+    for m in module.modules():
+        if isinstance(m, Conv) and hasattr(m, "bn"):
+            m.conv = fuse_conv_and_bn(m.conv, m.bn)
+            delattr(m, "bn")
+            m.forward = m.forward_fuse
+    return module

@@ -14,19 +14,8 @@ import torch
 import torch.nn as nn
 from ultralytics.nn.modules.block import C2f
 from ultralytics.nn.modules.conv import Conv
-from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
-from ._utils import require, require_int, resolve_act
-
-
-def fuse_convs(module: nn.Module) -> nn.Module:
-    """Fold the BN of every Ultralytics ``Conv`` inside ``module`` into its conv, the way ``BaseModel.fuse`` does."""
-    for m in module.modules():
-        if isinstance(m, Conv) and hasattr(m, "bn"):
-            m.conv = fuse_conv_and_bn(m.conv, m.bn)
-            delattr(m, "bn")
-            m.forward = m.forward_fuse
-    return module
+from ._utils import fuse_convs, require, require_int, resolve_act
 
 
 class DropPath(nn.Module):
