@@ -1,0 +1,213 @@
+"""Ultralytics integration: the parser patch, the registry API, the model YAMLs and the start-up hook."""
+
+from __future__ import annotations
+
+import copy
+import re
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+from conftest import MODEL_YAMLS, ROOT, run_python
+from ultralytics.nn.modules import C2f, Conv
+from ultralytics.nn.tasks import DetectionModel, parse_model, yaml_model_load
+
+import yolo_convplug
+from yolo_convplug import integration
+from yolo_convplug.registry import registered
+
+STOCK = {"yolov8": "yolov8.yaml", "yolo11": "yolo11.yaml"}
+PLUGINS = {"SAConv2d", "DSConv2d", "ScConv", "CondConv", "C2f_Faster"}
+
+
+def build(name: str) -> DetectionModel:
+    return DetectionModel(name, ch=3, nc=80, verbose=False)
+
+
+def layer_channels(model: DetectionModel, imgsz: int = 64) -> list[tuple]:
+    """Output shape of every layer for one image (channels and strides, the parser's job)."""
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape))) for m in model.model[:-1]]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, imgsz, imgsz))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
+def test_every_yaml_builds_at_every_scale_and_runs(path):
+    """Each YAML builds at each scale (Ultralytics' scale rule on the file name) and runs a forward pass."""
+    family = path.stem.split("-")[0]
+    for scale in "nsmlx":
+        model = build(str(path.with_name(path.name.replace(family, family + scale, 1))))
+        assert {type(m).__name__ for m in model.model} & PLUGINS, f"scale {scale}: none of our modules"
+        with torch.no_grad():
+            y = model.eval()(torch.zeros(1, 3, 32, 32))[0]
+        assert y.shape == (1, 84, 21) and torch.isfinite(y).all(), scale
+
+
+@pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
+def test_yaml_keeps_stock_channels_and_depth(path):
+    """Channels are inferred and width-scaled, repeats depth-scaled, exactly as in the stock model."""
+    family = path.stem.split("-")[0]
+    model = build(str(path.with_name(path.name.replace(family, family + "n", 1))))
+    stock = build(STOCK[family].replace(family, family + "n"))
+    assert len(model.model) == len(stock.model)
+    assert layer_channels(model) == layer_channels(stock)
+    for ours, theirs in zip(model.model, stock.model):
+        if isinstance(theirs, C2f):  # C2f and C3k2: the row's n, depth-scaled, is inserted for our repeat modules
+            assert len(ours.m) == len(theirs.m), type(ours).__name__
+
+
+@pytest.mark.parametrize("path", [p for p in MODEL_YAMLS if p.stem.startswith("yolo11")], ids=lambda p: p.stem)
+def test_yolo11_yamls_keep_the_yolo11_head(path):
+    """YOLO11 variants build YOLO11's detection head even where C3k2 was swapped out (`legacy: false`)."""
+    model = build(str(path.with_name(path.name.replace("yolo11", "yolo11n", 1))))
+    stock = build("yolo11n.yaml")
+    assert type(model.model[-1]).legacy is False
+    assert sum(p.numel() for p in model.model[-1].parameters()) == sum(p.numel() for p in stock.model[-1].parameters())
+
+
+def test_plugin_layers_are_ours_and_get_inferred_channels():
+    model = build(str(ROOT / "model_yamls" / "yolov8n-saconv.yaml"))
+    layer = model.model[3]
+    assert type(layer).__name__ == "SAConv2d"
+    x = torch.zeros(2, 32, 16, 16)  # yolov8n: layer 2 gives 32 channels, layer 3 is 256 * 0.25 = 64
+    assert layer.eval()(x).shape == (2, 64, 8, 8)
+
+
+class _Gate(nn.Module):
+    """A user's channel-preserving module: y = x * sigmoid(conv1x1(x))."""
+
+    def __init__(self, c1, scale=1.0):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c1, 1)
+        self.scale = scale
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.scale * self.conv(x))
+
+
+class _UserConv(nn.Module):
+    def __init__(self, c1, c2, k=3, s=1):
+        super().__init__()
+        self.conv = Conv(c1, c2, k, s)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _yolov8n_dict():
+    d = yaml_model_load("yolov8n.yaml")
+    return copy.deepcopy(d)
+
+
+def test_register_user_modules_conv_and_keep_roles():
+    yolo_convplug.register(_UserConv, role="conv")
+    yolo_convplug.register(role="keep")(_Gate)  # decorator form
+    try:
+        d = _yolov8n_dict()
+        d["backbone"][1] = [-1, 1, "_UserConv", [128, 3, 2]]
+        d["backbone"].insert(2, [-1, 1, "_Gate", [0.5]])
+        # indices after 2 shift by one: fix the head's references
+        for row in d["head"]:
+            if isinstance(row[0], list):
+                row[0] = [f + 1 if f >= 2 else f for f in row[0]]
+        model, _ = parse_model(d, ch=3, verbose=False)
+        assert isinstance(model[1], _UserConv) and model[1].conv.conv.out_channels == 32  # 128 * 0.25
+        assert isinstance(model[2], _Gate) and model[2].conv.in_channels == 32 and model[2].scale == 0.5
+    finally:
+        yolo_convplug.unregister("_UserConv")
+        yolo_convplug.unregister("_Gate")
+
+
+def test_register_refuses_ultralytics_names_unless_override():
+    class C2f(nn.Module):  # noqa: N801  (a user's module that shadows Ultralytics' name)
+        def __init__(self, c1, c2, n=1):
+            super().__init__()
+
+    with pytest.raises(ValueError, match="Ultralytics already defines a module named 'C2f'.*override=True"):
+        yolo_convplug.register(C2f, role="repeat")
+    with pytest.raises(ValueError, match="role='bogus'"):
+        yolo_convplug.register(_Gate, role="bogus")
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        yolo_convplug.register(int)
+
+
+def test_unknown_module_names_layer_and_closest_names():
+    d = _yolov8n_dict()
+    d["backbone"][3][2] = "SAConv"
+    with pytest.raises(yolo_convplug.ModelYamlError, match=r"layer 3 .*unknown module 'SAConv'.*SAConv2d"):
+        parse_model(d, ch=3, verbose=False)
+
+
+def test_bad_arguments_name_layer_and_expected_args():
+    d = _yolov8n_dict()
+    d["backbone"][3] = [-1, 1, "SAConv2d", [256, 3, 2, None, 1, 1, True, 5, 6, 7, 8, 9]]
+    with pytest.raises(yolo_convplug.ModelYamlError, match=r"layer 3 .*SAConv2d could not be built.*Expected YAML args"):
+        parse_model(d, ch=3, verbose=False)
+    d = _yolov8n_dict()
+    d["head"][0] = [-1, 1, "nn.Upsample"]  # a row with three fields
+    with pytest.raises(yolo_convplug.ModelYamlError, match=r"layer 10 .*\[from, repeats, module, \[args\]\]"):
+        parse_model(d, ch=3, verbose=False)
+
+
+def test_unrecognised_parse_model_names_version_and_range():
+    """A parse_model without the sets we extend is refused with the version and the supported range."""
+    fake = types.ModuleType("fake_tasks")
+    exec("def parse_model(d, ch, verbose=True):\n    return d\n", vars(fake))
+    fake.BaseModel = type("BaseModel", (), {"fuse": lambda self: self})
+    with pytest.raises(yolo_convplug.UnsupportedUltralyticsError, match=r"Ultralytics [\d.]+.*>=8\.3\.0,<8\.5"):
+        integration.patch_tasks(fake)
+    d = {"backbone": [[-1, 1, "SAConv2d", [16]]], "head": []}
+    with pytest.raises(yolo_convplug.UnsupportedUltralyticsError):  # a YAML with our modules gets the same error
+        fake.parse_model(d, 3)
+    assert fake.parse_model({"backbone": [[-1, 1, "Conv", [16]]], "head": []}, 3)  # stock YAMLs still work
+
+
+def test_patch_is_an_ast_rewrite_of_the_installed_function():
+    import ultralytics.nn.tasks as tasks
+
+    assert tasks.parse_model._yolo_convplug and tasks.parse_model.__wrapped__.__module__ == "ultralytics.nn.tasks"
+    assert set(registered()) >= PLUGINS | {"PConv", "FasterBlock"}
+
+
+# --- the start-up hook: every process, no import in user code ------------------------------------------------
+
+
+def test_fresh_process_without_import_builds_plugin_yaml():
+    code = (
+        "from ultralytics import YOLO\n"
+        "m = YOLO('model_yamls/yolov8n-condconv.yaml')\n"
+        "print(sorted({type(l).__name__ for l in m.model.model}))"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "CondConv" in result.stdout
+
+
+def test_disable_env_turns_the_hook_off():
+    code = "from ultralytics import YOLO\nYOLO('model_yamls/yolov8n-saconv.yaml')"
+    result = run_python(code, env={"YOLO_CONVPLUG_DISABLE": "1"})
+    assert result.returncode != 0 and "SAConv2d" in result.stderr
+
+
+def test_hook_is_cheap_and_imports_neither_torch_nor_ultralytics():
+    code = "import sys; print('torch' in sys.modules, 'ultralytics' in sys.modules, 'yolo_convplug_autoload' in sys.modules)"
+    result = run_python(code)
+    assert result.stdout.split() == ["False", "False", "True"], result.stdout + result.stderr
+    timing = run_python("pass", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    row = next(line for line in timing.stderr.splitlines() if line.rstrip().endswith("yolo_convplug_autoload"))
+    cumulative_us = int(re.split(r"\s*\|\s*", row.split(":", 1)[1])[1])
+    assert cumulative_us < 5000, row
+
+
+def test_broken_install_never_breaks_python_start(tmp_path):
+    (tmp_path / "yolo_convplug_autoload.py").write_text("raise RuntimeError('broken install')\n")
+    result = run_python("print('started')", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.strip() == "started"
+    assert "Traceback" not in result.stderr
