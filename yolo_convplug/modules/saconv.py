@@ -1,0 +1,208 @@
+"""Switchable Atrous Convolution (SAC) with weight standardisation and global context.
+
+Qiao, Chen, Yuille, "DetectoRS: Detecting Objects with Recursive Feature Pyramid and Switchable Atrous
+Convolution", CVPR 2021, arXiv:2006.02334 (Section 4, ConvAWS + SAC).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from ultralytics.nn.modules.conv import autopad
+
+from ._utils import require, require_int, resolve_act
+
+
+def _context(x, conv):
+    """Global context ``conv(GAP(x))`` of a 1x1 ``conv`` as a (B, C, 1, 1) tensor.
+
+    ``sum / (H * W)`` rather than ``mean``: the gradient of ``sum`` is a broadcast view, the gradient of ``mean``
+    a materialised full-size tensor; ``linear`` is cheaper than a 1x1 convolution on a 1x1 map.
+    """
+    return F.linear(x.sum((2, 3)) / (x.shape[2] * x.shape[3]), conv.weight.flatten(1), conv.bias)[..., None, None]
+
+
+def _standardize(weight, gamma, beta):
+    """Return ``(gamma * (W - mean) / std + beta, mean, std)``; statistics per output filter, shaped (c2, 1).
+
+    ``std = sqrt(unbiased var + 1e-5)`` as in DetectoRS' ConvAWS2d.
+    """
+    flat = weight.flatten(1)
+    mean = flat.mean(1, keepdim=True)
+    std = (torch.linalg.vector_norm(flat - mean, dim=1, keepdim=True).square() / (flat.shape[1] - 1) + 1e-5).sqrt()
+    scale = gamma.view(-1, 1) / std
+    return torch.addcmul(beta.view(-1, 1) - mean * scale, flat, scale).view_as(weight), mean, std
+
+
+class _StandardizeAddDiff(torch.autograd.Function):
+    """``(W_hat, W_hat + dW)`` with an analytic backward that allocates two weight-sized tensors.
+
+    With ``n`` weights per filter, ``s = gamma / std`` and ``G`` the gradient reaching ``W_hat``:
+    ``dL/dW = s * G + k * W - rowmean(s * G + k * W)``, ``k = -s * <G, W - mean> / ((n - 1) * std^2)``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, diff, gamma, beta):
+        """Standardise ``weight`` and add ``diff``."""
+        w, mean, std = _standardize(weight, gamma, beta)
+        ctx.save_for_backward(weight, mean, std, gamma)
+        return w, w + diff
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_small, grad_large):
+        """Gradients for ``weight`` and ``diff``; gamma and beta are buffers."""
+        weight, mean, std, gamma = ctx.saved_tensors
+        flat = weight.flatten(1)
+        grad = (grad_small + grad_large).flatten(1)
+        dot = torch.linalg.vecdot(grad, flat, dim=1).unsqueeze(1) - mean * grad.sum(1, keepdim=True)
+        scale = gamma.view(-1, 1) / std
+        grad.mul_(scale).addcmul_(flat, -scale * dot / ((flat.shape[1] - 1) * std.square()))
+        return grad.sub_(grad.mean(1, keepdim=True)).view_as(weight), grad_large, None, None
+
+
+class SAConv2d(nn.Module):
+    """Switchable Atrous Convolution followed by BatchNorm and activation (DetectoRS, CVPR 2021).
+
+    With ``x`` the input, ``GAP`` global average pooling and ``W`` the learned kernel::
+
+        W_hat = gamma * (W - mean(W)) / sqrt(var(W) + 1e-5) + beta      # ConvAWS, statistics per output filter
+        x'    = x + conv1x1_pre(GAP(x))                                  # pre-context
+        S     = conv1x1_switch(avgpool5x5(x'))        (stride s)         # switch, init weight 0 bias 1 -> S = 1
+        y     = S * conv(x', W_hat, dilation d) + (1 - S) * conv(x', W_hat + dW, dilation 3d)   # dW init 0
+        out   = act(BN(y + conv1x1_post(GAP(y))))                        # post-context, BN, activation
+
+    ``gamma``/``beta`` are buffers (1 and 0). Both context convs start at zero, so a fresh module is a
+    weight-standardised plain convolution. Loading a plain-convolution state dict (``conv.weight`` and no
+    ``weight_gamma``), e.g. an Ultralytics ``Conv``'s, converts it as DetectoRS does: ``gamma = std(W)`` and
+    ``beta = mean(W)``, so ``W_hat`` equals the loaded kernel, and the SAC-specific tensors the state dict lacks
+    get their initial values, so the converted module computes exactly what the plain ``Conv`` did.
+
+    The avg-pool pads with zeros and averages over the valid pixels only (``count_include_pad=False``), so any
+    feature-map size works, 1x1 included. Because the 5x5 average and the switch's 1x1 convolution are both
+    linear and channel-/space-separable, the switch is computed as ``avgpool(conv1x1(x'))`` on one channel,
+    which is the same map at a fraction of the cost. Training differentiates the standardisation with a hand-written
+    backward (a few passes over the weight instead of autograd's); ``fuse()`` precomputes both kernels and folds BN
+    into the post-context. For ``k = 1`` dilation changes nothing, so the second branch keeps dilation 1.
+    """
+
+    def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True):
+        """Build the layer; see the class docstring. ``k`` must be odd and ``p`` "same" so both branches align."""
+        super().__init__()
+        name = type(self).__name__
+        for argument, value in (("c1", c1), ("c2", c2), ("k", k), ("s", s), ("g", g), ("d", d)):
+            require_int(name, argument, value)
+        require(k % 2 == 1, name, "k", k, "SAConv2d needs an odd kernel size (1, 3, 5, ...) so the switch aligns")
+        require(c1 % g == 0 and c2 % g == 0, name, "g", g, f"groups must divide c1={c1} and c2={c2}")
+        require(
+            p is None or p == autopad(k, None, d),
+            name,
+            "p",
+            p,
+            f"leave p=None ('same' padding {autopad(k, None, d)}); the dilated branch and the switch assume it",
+        )
+        require(
+            c1 // g * k * k >= 2,
+            name,
+            "c1/g*k*k",
+            c1 // g * k * k,
+            "weight standardisation needs at least 2 weights per filter: use k >= 3 or fewer groups",
+        )
+        self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, None, d), dilation=d, groups=g, bias=False)
+        self.register_buffer("weight_gamma", torch.ones(c2, 1, 1, 1))
+        self.register_buffer("weight_beta", torch.zeros(c2, 1, 1, 1))
+        self.weight_diff = nn.Parameter(torch.zeros_like(self.conv.weight))
+        self.pre_context = nn.Conv2d(c1, c1, 1)
+        self.switch = nn.Conv2d(c1, 1, 1)
+        self.post_context = nn.Conv2d(c2, c2, 1)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = resolve_act(act)
+        self.large_dilation = 3 * d if k > 1 else 1  # dilation does nothing to a 1x1 kernel: keep the fast 1x1 path
+        self.large_padding = autopad(k, None, self.large_dilation)
+        self.reset_sac_parameters()
+
+    def reset_sac_parameters(self):
+        """Set the SAC tensors to their initial values: zero contexts and weight difference, switch = 1."""
+        with torch.no_grad():
+            for name, value in self._sac_initial_state().items():
+                self.get_parameter(name).copy_(value)
+
+    def _sac_initial_state(self):
+        """Initial values of the tensors a plain convolution does not have, keyed by state-dict name."""
+        return {
+            "weight_diff": torch.zeros_like(self.weight_diff),
+            "pre_context.weight": torch.zeros_like(self.pre_context.weight),
+            "pre_context.bias": torch.zeros_like(self.pre_context.bias),
+            "switch.weight": torch.zeros_like(self.switch.weight),
+            "switch.bias": torch.ones_like(self.switch.bias),
+            "post_context.weight": torch.zeros_like(self.post_context.weight),
+            "post_context.bias": torch.zeros_like(self.post_context.bias),
+        }
+
+    def standardized_weight(self):
+        """Return ``W_hat = gamma * (W - mean) / std + beta`` (c2, c1/g, k, k)."""
+        return _standardize(self.conv.weight, self.weight_gamma, self.weight_beta)[0]
+
+    def _kernels(self):
+        """``(W_hat, W_hat + dW)``; a hand-written backward makes training cheap (autograd's var_mean is slow)."""
+        if torch.jit.is_tracing():  # a custom autograd.Function does not trace or export: same values, plain ops
+            w = self.standardized_weight()
+            return w, w + self.weight_diff
+        return _StandardizeAddDiff.apply(self.conv.weight, self.weight_diff, self.weight_gamma, self.weight_beta)
+
+    def _switchable(self, x, w_small, w_large):
+        """Pre-context, switch and the two atrous convolutions blended by the switch (the SAC body)."""
+        x = x + _context(x, self.pre_context)
+        s = F.avg_pool2d(self.switch(x), 5, self.conv.stride, 2, count_include_pad=False)
+        conv = self.conv
+        small = F.conv2d(x, w_small, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        large = F.conv2d(x, w_large, None, conv.stride, self.large_padding, self.large_dilation, conv.groups)
+        return torch.lerp(large, small, s)  # s * small + (1 - s) * large
+
+    def forward(self, x):
+        """Apply SAC, post-context, BatchNorm and activation."""
+        y = self._switchable(x, *self._kernels())
+        return self.act(self.bn(y.add_(_context(y, self.post_context))))  # y is a fresh tensor autograd did not save
+
+    def forward_fuse(self, x):
+        """Fused inference: precomputed kernels, BN folded into the post-context and one per-channel scale."""
+        y = self._switchable(x, self.fused_weight_small, self.fused_weight_large)
+        return self.act(torch.addcmul(_context(y, self.post_context), y, self.fused_scale))
+
+    @torch.no_grad()
+    def fuse(self):
+        """Fold BN and weight standardisation for inference; switch ``forward`` to ``forward_fuse``.
+
+        BN in eval is ``a * z + b`` per channel with ``z = y + P(GAP(y))`` and ``P(v) = Wp v + bp``, so
+        ``BN(z) = a * y + (diag(a) Wp) GAP(y) + (a * bp + b)``: the post-context absorbs BN exactly and only the
+        per-channel scale ``a`` remains, applied in the same pass that adds the context. ``a`` is *not* folded
+        into the kernels because recovering ``GAP(y)`` from ``GAP(a * y)`` would divide by ``a`` (inexact or
+        impossible where a BN weight is 0). The standardised kernels ``W_hat`` and ``W_hat + dW`` are computed
+        once here instead of every forward.
+        """
+        if not hasattr(self, "bn"):
+            return self
+        bn = self.bn
+        a = bn.weight / (bn.running_var + bn.eps).sqrt()
+        w_small, w_large = self._kernels()
+        self.register_buffer("fused_weight_small", w_small)
+        self.register_buffer("fused_weight_large", w_large)
+        self.register_buffer("fused_scale", a.view(-1, 1, 1))
+        self.post_context.weight.mul_(a.view(-1, 1, 1, 1))
+        self.post_context.bias.mul_(a).add_(bn.bias - bn.running_mean * a)
+        del self.bn
+        self.forward = self.forward_fuse
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Convert a plain-convolution state dict (no ``weight_gamma``) as DetectoRS does, then load."""
+        weight = state_dict.get(prefix + "conv.weight")
+        if prefix + "weight_gamma" not in state_dict and weight is not None and weight.shape == self.conv.weight.shape:
+            weight = weight.to(self.weight_gamma)
+            _, mean, std = _standardize(weight, self.weight_gamma, self.weight_beta)
+            state_dict[prefix + "weight_gamma"] = std.view_as(self.weight_gamma)
+            state_dict[prefix + "weight_beta"] = mean.view_as(self.weight_beta)
+            for name, value in self._sac_initial_state().items():
+                state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
