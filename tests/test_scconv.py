@@ -1,0 +1,259 @@
+"""ScConv: shapes vs Ultralytics Conv, the literal paper reference, every width-scaled channel count, gamma summing to
+zero, gate semantics, gradients, autocast, tracing, fuse, ONNX, params/FLOPs below the plain conv, argument checks."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from ultralytics.nn.modules.conv import Conv
+
+from ref_scconv import ScConvRef
+from yolo_convplug.modules.scconv import ScConv
+
+YOLO_GRID = [(16, 32, 3, 2), (32, 32, 3, 1), (64, 64, 3, 1), (64, 128, 3, 2), (128, 128, 3, 1), (256, 256, 3, 1),
+             (256, 256, 1, 1)]
+WIDTHS = list(range(8, 1281, 8))  # every channel count Ultralytics width scaling produces
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def randomize(m: ScConv) -> None:
+    """Positive GN gammas (where |gamma|/sum|gamma| is the paper's gamma/sum(gamma)), non-trivial BN."""
+    with torch.no_grad():
+        m.gn.weight.uniform_(0.5, 1.5)
+        m.gn.bias.uniform_(-0.5, 0.5)
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("c1, c2, k, s", YOLO_GRID)
+@pytest.mark.parametrize("hw", [1, 7, 16])
+def test_shape_matches_conv(c1, c2, k, s, hw):
+    x = torch.randn(2, c1, hw, hw)
+    m = ScConv(c1, c2, k, s)
+    expected = Conv(c1, c2, k, s)(x).shape
+    assert m(x).shape == expected
+    assert m.eval()(x).shape == expected
+
+
+@pytest.mark.parametrize("c1, c2", [(3, 16), (2, 2), (5, 7), (9, 9), (7, 3)])
+@pytest.mark.parametrize("k, s, p, d", [(3, 1, None, 1), (3, 2, None, 1), (1, 2, None, 1), (5, 2, None, 1),
+                                        (3, 1, None, 2), (3, 2, 0, 1), (2, 1, None, 1), (6, 2, 2, 1)])
+def test_odd_channels_and_conv_options_match_conv_shape(c1, c2, k, s, p, d):
+    x = torch.randn(2, c1, 9, 9)
+    assert ScConv(c1, c2, k, s, p, 1, d)(x).shape == Conv(c1, c2, k, s, p, 1, d)(x).shape
+
+
+def test_every_width_scaled_channel_count_works():
+    """c1 and c2 independently over 8..1280: every c1 and every c2 against two partners on the meta device (shapes
+    and channel bookkeeping are checked by every op, without the cost of real 1280-channel kernels), then real
+    numbers for the extremes."""
+    pairs = {(c, c) for c in WIDTHS} | set(zip(WIDTHS, WIDTHS[::-1]))  # each c1 and each c2 twice, 8..1280 mixed
+    with torch.device("meta"):
+        for c1, c2 in sorted(pairs):
+            assert ScConv(c1, c2, 3, 2)(torch.empty(1, c1, 3, 3)).shape == (1, c2, 2, 2), (c1, c2)
+    for c1, c2 in [(8, 8), (8, 1280), (1280, 8), (40, 1000), (1280, 1280)]:
+        y = ScConv(c1, c2, 3, 2)(torch.randn(2, c1, 3, 3))
+        assert y.shape == (2, c2, 2, 2) and torch.isfinite(y).all(), (c1, c2)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_params_below_plain_conv_for_all_widths(k):
+    """The paper's claim, over the full width-scaling grid (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        for c1 in WIDTHS[::5] + [1280]:
+            for c2 in WIDTHS[::5] + [1280]:
+                assert n_params(ScConv(c1, c2, k)) < n_params(Conv(c1, c2, k)), (c1, c2, k)
+
+
+@pytest.mark.parametrize("c1, c2, k, s", YOLO_GRID)
+def test_params_and_flops_below_plain_conv(c1, c2, k, s):
+    m, conv = ScConv(c1, c2, k, s).eval(), Conv(c1, c2, k, s).eval()
+    assert n_params(m) < n_params(conv)
+    x = torch.randn(1, c1, 20, 20)
+    flops = []
+    for module in (m, conv):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+        flops.append(counter.get_total_flops())
+    assert 0 < flops[0] < flops[1]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("c1, c2, k, s", [(32, 32, 3, 1), (16, 32, 3, 2), (64, 16, 1, 1), (7, 5, 3, 2), (3, 16, 5, 2),
+                                          (24, 24, 3, 1)])
+def test_matches_literal_reference(c1, c2, k, s, train):
+    """Against the full-resolution, split/cat/softmax reading of the paper (float64: the hard gate never flips on
+    rounding differences)."""
+    torch.manual_seed(0)
+    m = ScConv(c1, c2, k, s)
+    randomize(m)
+    ref = ScConvRef(c1, c2, k, s)
+    ref.load_state_dict(m.state_dict())
+    m.double().train(train), ref.double().train(train)
+    x = torch.randn(3, c1, 11, 11, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("alpha, squeeze, group_size", [(0.25, 2, 2), (0.75, 4, 4), (0.5, 1, 1)])
+def test_module_options_match_reference(alpha, squeeze, group_size):
+    torch.manual_seed(0)
+    m = ScConv(32, 48, 3, 2, alpha=alpha, squeeze=squeeze, group_size=group_size)
+    randomize(m)
+    ref = ScConvRef(32, 48, 3, 2, alpha=alpha, squeeze=squeeze, group_size=group_size)
+    ref.load_state_dict(m.state_dict())
+    m.double(), ref.double()
+    x = torch.randn(2, 32, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("gamma", ["alternating", "tiny", "zero"])
+def test_no_nan_when_gamma_sums_to_zero(gamma):
+    """The seed divides by sum(gamma): +-1 gammas sum to exactly 0 there. Here forward and backward stay finite."""
+    m = ScConv(32, 32).train()
+    with torch.no_grad():
+        g = m.gn.weight
+        if gamma == "alternating":
+            g.copy_(torch.tensor([1.0, -1.0]).repeat(16))
+        elif gamma == "tiny":
+            g.copy_(torch.tensor([1e-30, -1e-30]).repeat(16) + 1e-38)
+        else:
+            g.zero_()
+    assert abs(m.gn.weight.sum().item()) < 1e-30
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    y = m(x)
+    y.square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_gate_threshold_semantics():
+    """W >= t is informative: with gamma = 0 every W is exactly sigmoid(0) = 0.5 = t, so the SRU passes X through;
+    with a large positive GN bias every W is ~1 (informative) and X also passes; a large negative bias makes every
+    position non-informative, so the output is the channel-rotated sigmoid(...)-weighted input."""
+    m = ScConv(8, 8)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        m.gn.weight.zero_()
+        torch.testing.assert_close(torch.cat(m.sru(x), 1), x)
+        m.gn.weight.fill_(1.0)
+        m.gn.bias.fill_(1e3)
+        torch.testing.assert_close(torch.cat(m.sru(x), 1), x)
+        m.gn.bias.fill_(-1e3)  # W = sigmoid(-1e3/8) ~ 0 (< t): X1 = X2 = W*X ~ 0
+        assert torch.cat(m.sru(x), 1).abs().max() < 1e-20
+
+
+def test_gradients_reach_every_parameter():
+    m = ScConv(16, 32, 3, 2).train()
+    x = torch.randn(3, 16, 9, 9, requires_grad=True)
+    m(x).square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_bf16_autocast():
+    torch.manual_seed(0)
+    m = ScConv(32, 64, 3, 2)
+    randomize(m)
+    m.eval()
+    x = torch.randn(2, 32, 16, 16)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.shape == ref.shape and torch.isfinite(y).all()
+    assert (y.float() - ref).abs().mean() < 0.05 * ref.abs().mean()  # bf16, and a hard gate that may flip
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x).float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_input_is_not_mutated():
+    m = ScConv(8, 8).eval()
+    x = torch.randn(2, 8, 6, 6)
+    before = x.clone()
+    m(x)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("c1, c2, k, s", [(16, 32, 3, 2), (24, 24, 1, 1), (7, 5, 6, 2)])
+def test_jit_trace_runs_at_other_batch_sizes(c1, c2, k, s):
+    torch.manual_seed(0)
+    m = ScConv(c1, c2, k, s, p=2 if k == 6 else None)
+    randomize(m)
+    m.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, torch.randn(2, c1, 12, 12))
+    for b in (1, 3):
+        x = torch.randn(b, c1, 12, 12)
+        torch.testing.assert_close(traced(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_is_exact_and_keeps_bn():
+    torch.manual_seed(0)
+    m = ScConv(16, 32, 3, 2)
+    randomize(m)
+    m.eval()
+    x = torch.randn(2, 16, 10, 10)
+    before = m(x)
+    assert m.fuse() is m and hasattr(m, "bn")
+    torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-7)
+
+
+def test_onnx_dynamic_batch_matches_pytorch():
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    m = ScConv(16, 32, 3, 2)
+    randomize(m)
+    m.eval().fuse()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, torch.randn(2, 16, 20, 20), f, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    session = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        x = torch.randn(b, 16, 20, 20)
+        y = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        expected = m(x)
+        # the hard gate may flip where W rounds differently across runtimes; allow a handful of such positions
+        close = torch.isclose(y, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        assert close.float().mean() > 0.999, close.float().mean()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"g": 2}, "g"),
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"alpha": "0.5"}, "alpha"),
+        ({"squeeze": 0}, "squeeze"),
+        ({"group_size": 0}, "group_size"),
+        ({"gate_threshold": 0.0}, "gate_threshold"),
+        ({"gate_threshold": 1.5}, "gate_threshold"),
+        ({"gn_groups": 3}, "gn_groups"),
+        ({"gn_groups": 0}, "gn_groups"),
+        ({"c1": 1}, "c1"),
+        ({"c2": 1}, "c2"),
+        ({"c1": "64"}, "c1"),
+        ({"k": 0}, "k"),
+        ({"s": 0}, "s"),
+        ({"p": -1}, "p"),
+        ({"d": 1.5}, "d"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    args = {"c1": 64, "c2": 64, "k": 3, "s": 1, **kwargs}
+    with pytest.raises(ValueError, match=rf"ScConv: {match}="):
+        ScConv(**args)

@@ -1,0 +1,157 @@
+"""ScConv: Spatial and Channel Reconstruction Convolution (Li, Li, Wen, CVPR 2023)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from ultralytics.nn.modules.conv import autopad
+
+from ._utils import require, require_int, resolve_act
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (1 when only 1 qualifies)."""
+    return max(q for q in range(1, min(n, limit) + 1) if n % q == 0)
+
+
+class ScConv(nn.Module):
+    """SCConv = SRU then CRU, then BN and activation; a drop-in for Ultralytics ``Conv(c1, c2, k, s)``.
+
+    Spatial Reconstruction Unit (SRU) on the ``c1`` input channels, with ``GN`` a GroupNorm of affine ``gamma, beta``::
+
+        w  = |gamma| / sum|gamma|                        # paper: gamma / sum(gamma); equal while gamma > 0 (init 1),
+                                                         # but never a division by ~0 when gamma sums near zero
+        W  = sigmoid(w ⊙ GN(X))
+        W1 = where(W >= t, 1, W),  W2 = where(W >= t, 0, W)        # informative / non-informative weights, t = 0.5
+        X1 = W1 ⊙ X,  X2 = W2 ⊙ X
+        Xw = [X1_a + X2_b, X1_b + X2_a]                  # cross reconstruction of the halves a (first ceil(c1/2)
+                                                         # channels) and b (last floor(c1/2)), i.e. X1 + rotate(X2)
+
+    Channel Reconstruction Unit (CRU): split ``Xw`` into ``up = round(alpha·c1)`` upper and ``c1 - up`` lower channels
+    (round half up, clamped to [1, c1 - 1]), squeeze each with a 1x1 conv (ratio ``squeeze``), then::
+
+        Y1 = GWC_kxk(Xu) + PWC1(Xu)                      # group-wise kxk conv + point-wise conv, c2 channels
+        Y2 = [PWC2(Xl), Xl]                              # point-wise conv plus the reused squeezed features
+        b1 = exp(S1) / (exp(S1) + exp(S2)),  b2 = 1 - b1 # S = GAP(Y): channel-wise soft attention of the pair
+        Y  = b1 ⊙ Y1 + b2 ⊙ Y2
+
+    and the module returns ``act(BN(Y))``. ``b1, b2`` follow the paper's equation (a softmax over the two branches,
+    per channel, b1 + b2 = 1); the authors' code instead softmaxes across all 2·c2 channels at once.
+
+    Beyond the paper's ``c1 = c2, s = 1``, the CRU maps c1 to c2 with stride s, as ``Conv(c1, c2, k, s)`` does:
+
+    - the GWC carries the kernel ``k``, stride ``s``, padding ``autopad(k, p, d)`` and dilation ``d``; the point-wise
+      paths (PWC1 and the whole lower path, squeeze, PWC2 and reuse) sample the kxk window centres, i.e. a 1x1 conv
+      of stride ``s`` after padding/cropping so that their output size equals the GWC's (no op for odd ``k`` with
+      autopad); the lower path is squeezed after the stride, so it only runs at the output resolution;
+    - squeezed widths come from ``m = min(c1, c2)``: ``su = round(alpha·m) // squeeze``, ``sl = (m - round(alpha·m))
+      // squeeze`` (at least 1; ``sl <= c2 - 1`` so PWC2 keeps an output), the paper's ``alpha·C/r`` when c1 = c2;
+      narrow outputs thus get narrow squeezes and the module stays below the plain conv's params for any c1, c2;
+    - group counts adapt: GroupNorm uses ``gn_groups`` or the largest divisor of c1 up to 16 (the paper's 16), the
+      GWC the largest divisor of gcd(su, c2) up to ``group_size`` (the paper's 2); odd channel counts work;
+    - with ``k = 1`` the GWC is itself point-wise and GWC + PWC1 would be one 1x1 conv written twice, so only PWC1 is
+      kept.
+
+    BN is not folded by ``fuse()``: it follows the input-dependent softmax mix of Y1 and Y2. Since b1 + b2 = 1 the BN
+    affine does distribute over both branches, but the reused channels of Y2 are the squeezed features that also feed
+    PWC2, so their scale cannot enter any kernel, and the attention would have to undo the scale (division by
+    gamma/sigma, undefined where it is 0). ``fuse()`` therefore changes nothing and returns self: exact by
+    construction.
+
+    Args:
+        c1 (int): Input channels (>= 2).
+        c2 (int): Output channels (>= 2).
+        k (int): Kernel size of the group-wise conv.
+        s (int): Stride.
+        p (int | None): Padding of the kxk conv, ``autopad(k, p, d)`` when None.
+        g (int): Must be 1: the grouping of the kxk conv is ``group_size``.
+        d (int): Dilation of the kxk conv.
+        act (bool | nn.Module): Activation, Ultralytics convention.
+        alpha (float): Fraction of channels in the upper (kxk) part, in (0, 1).
+        squeeze (int): Squeeze ratio r of the 1x1 squeeze convs.
+        group_size (int): Groups of the kxk group-wise conv (upper bound, see above).
+        gate_threshold (float): SRU gate threshold t, in (0, 1).
+        gn_groups (int | None): GroupNorm groups (must divide c1); None picks the largest divisor of c1 up to 16.
+    """
+
+    def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, alpha=0.5, squeeze=2, group_size=2,
+                 gate_threshold=0.5, gn_groups=None):
+        """Build the SRU GroupNorm, the CRU convolutions, BN and the activation."""
+        super().__init__()
+        name = type(self).__name__
+        for arg, value, low in (("c1", c1, 2), ("c2", c2, 2), ("k", k, 1), ("s", s, 1), ("d", d, 1),
+                                ("squeeze", squeeze, 1), ("group_size", group_size, 1)):
+            require_int(name, arg, value, low)
+        require(p is None or (isinstance(p, int) and not isinstance(p, bool) and p >= 0), name, "p", p,
+                "use None (autopad) or an integer >= 0")
+        require(g == 1, name, "g", g, "use g=1; the grouping of ScConv's kxk conv is set by group_size")
+        require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1, name, "alpha",
+                alpha, "use a fraction in (0, 1)")
+        require(isinstance(gate_threshold, (int, float)) and not isinstance(gate_threshold, bool)
+                and 0 < gate_threshold < 1, name, "gate_threshold", gate_threshold, "use a value in (0, 1)")
+        if gn_groups is None:
+            gn_groups = largest_divisor(c1, 16)
+        require_int(name, "gn_groups", gn_groups)
+        require(c1 % gn_groups == 0, name, "gn_groups", gn_groups, f"it must divide c1={c1} (or pass None)")
+
+        self.gn = nn.GroupNorm(gn_groups, c1)
+        self.threshold = gate_threshold
+        self.c1, self.half = c1, c1 // 2  # SRU halves: a = c1 - half channels, b = half channels
+        self.up = min(max(math.floor(alpha * c1 + 0.5), 1), c1 - 1)
+        m = min(c1, c2)
+        mu = min(max(math.floor(alpha * m + 0.5), 1), m - 1)
+        su, sl = max(mu // squeeze, 1), min(max((m - mu) // squeeze, 1), c2 - 1)
+        pad = autopad(k, p, d)
+        span = d * (k - 1)  # the kxk window's centre sits span//2 after its start
+        self.align = (pad - span // 2, pad - (span - span // 2))  # (before, after) padding of the point-wise paths
+        self.squeeze1 = nn.Conv2d(self.up, su, 1, bias=False)
+        self.squeeze2 = nn.Conv2d(c1 - self.up, sl, 1, s, bias=False)
+        gw = largest_divisor(math.gcd(su, c2), group_size)
+        self.gwc = nn.Conv2d(su, c2, k, s, pad, dilation=d, groups=gw, bias=False) if k > 1 else None
+        self.pwc1 = nn.Conv2d(su, c2, 1, s, bias=False)
+        self.pwc2 = nn.Conv2d(sl, c2 - sl, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = resolve_act(act)
+
+    def sru(self, x):
+        """Spatial reconstruction: GN-gated split into informative/non-informative parts, crossed; (a, b) halves."""
+        gamma = self.gn.weight.abs()
+        w = gamma / gamma.sum().clamp_min(1e-12)  # w ⊙ GN(x) with w folded into GN's affine
+        z = F.group_norm(x, self.gn.num_groups, self.gn.weight * w, self.gn.bias * w, self.gn.eps).sigmoid_()
+        n = torch.rsub(z.detach(), self.threshold).ceil_()  # 1 where W < t (non-informative), else 0: exact
+        nx = n.mul_(x)  # in place on intermediates: fewer fresh buffers (autograd saves what it needs)
+        x2 = nx * z  # W2 ⊙ X, W2 = where(W >= t, 0, W)
+        x1 = (x - nx).add_(x2)  # W1 ⊙ X, W1 = where(W >= t, 1, W) = 1 - n + W2
+        a = self.c1 - self.half
+        return x1[:, :a] + x2[:, self.half :], x1[:, a:] + x2[:, : self.half]
+
+    def _pointwise_input(self, x):
+        """Pad/crop so a stride-s 1x1 conv samples the kxk windows' centres (identity for odd k with autopad)."""
+        before, after = self.align
+        return x if before == after == 0 else F.pad(x, (before, after, before, after))
+
+    def cru(self, xa, xb):
+        """Channel reconstruction of the SRU halves: split alpha, squeeze, transform, fuse by soft attention."""
+        upper, lower = xa, xb
+        if self.up != self.c1 - self.half:  # alpha != 1/2: split the reconstructed features elsewhere
+            xw = torch.cat((xa, xb), 1)
+            upper, lower = xw[:, : self.up], xw[:, self.up :]
+        u = self.squeeze1(upper)
+        y1 = self.pwc1(self._pointwise_input(u))
+        if self.gwc is not None:
+            y1 += self.gwc(u)
+        low = self.squeeze2(self._pointwise_input(lower))
+        y2 = torch.cat((self.pwc2(low), low), 1)
+        b1 = torch.sigmoid(y1.mean((2, 3), keepdim=True) - y2.mean((2, 3), keepdim=True))  # softmax of the pair
+        return torch.lerp(y2, y1, b1)  # b1 ⊙ Y1 + (1 - b1) ⊙ Y2
+
+    def forward(self, x):
+        """Apply SRU, CRU, BN and the activation."""
+        return self.act(self.bn(self.cru(*self.sru(x))))
+
+    def fuse(self):
+        """Keep BN (it follows an input-dependent mix, see the class docstring); nothing to fold, returns self."""
+        return self
