@@ -5,6 +5,7 @@ package (``yolo_convplug_autoload.pth``) does the same in every Python process t
 YAMLs can name ``SAConv2d``, ``DSConv2d``, ``ScConv``, ``CondConv``, ``PConv``, ``FasterBlock`` and ``C2f_Faster``.
 """
 
+from .flops import register_thop_rules
 from .integration import ModelYamlError, UnsupportedUltralyticsError, patch_tasks
 from .modules import C2f_Faster, CondConv, DSConv2d, FasterBlock, PConv, SAConv2d, ScConv
 from .registry import register, registered, unregister
@@ -16,6 +17,7 @@ for _cls in (SAConv2d, DSConv2d, ScConv, CondConv, PConv, FasterBlock):
 register(C2f_Faster, role="repeat")
 del _cls
 
+register_thop_rules()
 patch_tasks()
 
 __all__ = (

@@ -103,6 +103,8 @@ class CondConv(nn.Module):
 
     def fuse(self):
         """Fold BN into every expert kernel and a per-channel bias (exact), delete BN, switch to forward_fuse."""
+        if not hasattr(self, "bn"):  # already fused
+            return self
         bn = self.bn
         w, b = fuse_conv_bn_weights(self.weight.transpose(0, 1), None, bn.running_mean, bn.running_var, bn.eps,
                                     bn.weight, bn.bias)
