@@ -211,3 +211,16 @@ def test_broken_install_never_breaks_python_start(tmp_path):
     result = run_python("print('started')", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0 and result.stdout.strip() == "started"
     assert "Traceback" not in result.stderr
+
+
+def test_ultralytics_gflops_count_functional_convolutions():
+    """thop (Ultralytics' model.info) counts the kernels our modules compute: DSConv has Conv's FLOPs, SAConv two convs."""
+    from ultralytics.utils.torch_utils import get_flops
+
+    base = get_flops(build("yolov8n.yaml"), 320)
+    dsconv = get_flops(build(str(ROOT / "model_yamls" / "yolov8n-dsconv.yaml")), 320)
+    saconv = build(str(ROOT / "model_yamls" / "yolov8n-saconv.yaml"))
+    extra = sum(2 * m.conv.weight.numel() for m in saconv.model if type(m).__name__ == "SAConv2d")  # at least this
+    assert dsconv == pytest.approx(base, rel=1e-3)
+    assert get_flops(saconv, 320) > base + extra / 1e9
+    assert get_flops(build(str(ROOT / "model_yamls" / "yolov8n-condconv.yaml")), 320) == pytest.approx(base, rel=0.02)
