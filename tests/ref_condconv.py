@@ -24,9 +24,10 @@ class CondConvLoop(nn.Module):
         super().__init__()
         self.stride, self.groups, self.dilation = s, g, d
         self.padding = (d * (k - 1) + 1) // 2 if p is None else p
-        self.weight = nn.Parameter(torch.empty(experts, c2, c1 // g, k, k))
-        for w in self.weight:
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.kernel_shape = (c2, c1 // g, k, k)
+        self.weight = nn.Parameter(torch.empty(experts, c2 * (c1 // g) * k * k))
+        for i in range(experts):
+            nn.init.kaiming_uniform_(self.weight.data[i].view(self.kernel_shape), a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
         self.routing = nn.Linear(c1, experts)
         self.bn = nn.BatchNorm2d(c2)
@@ -38,7 +39,7 @@ class CondConvLoop(nn.Module):
             sample = sample.unsqueeze(0)
             pooled = F.adaptive_avg_pool2d(sample, 1).flatten(1)
             r = torch.sigmoid(self.routing(self.dropout(pooled)))[0]
-            kernel = sum(r[i] * self.weight[i] for i in range(self.weight.shape[0]))
+            kernel = sum(r[i] * self.weight[i].view(self.kernel_shape) for i in range(self.weight.shape[0]))
             outs.append(F.conv2d(sample, kernel, None, self.stride, self.padding, self.dilation, self.groups))
         return self.act(self.bn(torch.cat(outs)))
 

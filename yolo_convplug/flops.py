@@ -23,7 +23,7 @@ def _dsconv_macs(m, x, y):
 
 def _condconv_macs(m, x, y):
     """The per-sample convolution plus mixing the expert kernels (one multiply-add per weight and sample)."""
-    m.total_ops += y.numel() * m.weight[0, 0].numel() + x[0].shape[0] * m.weight.numel()
+    m.total_ops += y.numel() * (m.weight.shape[1] // m.c2) + x[0].shape[0] * m.weight.numel()
 
 
 def register_thop_rules() -> None:

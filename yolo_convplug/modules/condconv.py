@@ -61,9 +61,10 @@ class CondConv(nn.Module):
                 "dropout", dropout, "use a rate in [0, 1)")
         self.c1, self.c2, self.k, self.s, self.g, self.d = c1, c2, k, s, g, d
         self.p = autopad(k, p, d)
-        self.weight = nn.Parameter(torch.empty(experts, c2, c1 // g, k, k))
-        for w in self.weight:  # every expert initialised like an nn.Conv2d kernel
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        # one flattened kernel (c2, c1/g, k, k) per row: 2-D, so Ultralytics' channels_last conversion leaves it be
+        self.weight = nn.Parameter(torch.empty(experts, c2 * (c1 // g) * k * k))
+        for i in range(experts):  # every expert initialised like an nn.Conv2d kernel
+            nn.init.kaiming_uniform_(self.weight.data[i].view(c2, c1 // g, k, k), a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
         self.routing = nn.Linear(c1, experts)
         self.bn = nn.BatchNorm2d(c2)
@@ -76,7 +77,7 @@ class CondConv(nn.Module):
     def conditional_conv(self, x, bias=None):
         """Convolve every sample with its own kernel ``sum_i r_i(x) W_i`` (plus an optional per-channel bias)."""
         b, _, h, w = x.shape
-        kernels = self.routing_weights(x) @ self.weight.flatten(1)  # (B, c2·c1/g·k·k)
+        kernels = self.routing_weights(x) @ self.weight  # (B, c2·c1/g·k·k)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return self._unfold_conv(x, kernels, bias)
         kernels = kernels.reshape(b * self.c2, self.c1 // self.g, self.k, self.k)
@@ -106,9 +107,9 @@ class CondConv(nn.Module):
         if not hasattr(self, "bn"):  # already fused
             return self
         bn = self.bn
-        w, b = fuse_conv_bn_weights(self.weight.transpose(0, 1), None, bn.running_mean, bn.running_var, bn.eps,
-                                    bn.weight, bn.bias)
-        self.weight = nn.Parameter(w.detach().transpose(0, 1).contiguous(), requires_grad=False)
+        experts = self.weight.view(-1, self.c2, self.c1 // self.g, self.k, self.k).transpose(0, 1)
+        w, b = fuse_conv_bn_weights(experts, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        self.weight = nn.Parameter(w.detach().transpose(0, 1).reshape_as(self.weight).contiguous(), requires_grad=False)
         self.bias = nn.Parameter(b.detach(), requires_grad=False)
         del self.bn
         self.forward = self.forward_fuse
