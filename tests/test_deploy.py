@@ -135,13 +135,20 @@ def test_fuse_is_exact_idempotent_and_folds_our_bn(path):
 # --- ONNX and TorchScript through Ultralytics' exporter ----------------------------------------------------------
 
 
+def save_best_pt(path, file) -> None:
+    """Write the YAML's model (random BN statistics) as a trainer's best.pt after ``strip_optimizer``: the fp16
+    model (pickled, our classes included) with the metadata keys (``YOLO.save`` cannot: 8.3.0 fails on YAML models)."""
+    from ultralytics import __version__
+
+    model = randomize_(DetectionModel(scaled(path), ch=3, nc=80, verbose=False))
+    ckpt = {"epoch": -1, "best_fitness": None, "model": copy.deepcopy(model).half(), "ema": None, "updates": None}
+    torch.save({**ckpt, "optimizer": None, "train_args": {"imgsz": IMGSZ}, "version": __version__}, file)
+
+
 def exported(path, tmp_path, monkeypatch, fmt: str, **kwargs):
-    """Save the YAML's model (random BN statistics) as a checkpoint like a trainer's best.pt (``YOLO.save``: fp16
-    model plus metadata), load it back and export it as ``yolo export`` does; return (fused reference, file)."""
+    """Save a best.pt of the YAML's model, load it and export it as ``yolo export`` does; (fused reference, file)."""
     monkeypatch.chdir(tmp_path)  # the exporter writes next to the model file
-    yolo = YOLO(scaled(path))
-    randomize_(yolo.model)
-    yolo.save(tmp_path / "best.pt")
+    save_best_pt(path, tmp_path / "best.pt")
     loaded = YOLO(tmp_path / "best.pt")
     f = loaded.export(format=fmt, imgsz=IMGSZ, device="cpu", **kwargs)
     reference = copy.deepcopy(loaded.model).float().eval().fuse(verbose=False)  # the fp16-rounded weights
@@ -200,13 +207,11 @@ def test_channels_last_predict_then_export(path, tmp_path, monkeypatch):
 def test_cli_export_of_a_checkpoint(path, tmp_path):
     """``yolo export model=best.pt format=onnx`` in a fresh process (start-up hook only, no import of ours).
 
-    The checkpoint is written by ``YOLO.save``: fp16 model plus metadata, the layout of a trainer's best.pt.
+    The checkpoint has a trainer's best.pt layout (``save_best_pt``).
     """
     ort = pytest.importorskip("onnxruntime")
-    yolo = YOLO(scaled(path))
-    randomize_(yolo.model)
     best = tmp_path / "best.pt"
-    yolo.save(best)
+    save_best_pt(path, best)
     result = run_cli(["export", f"model={best}", "format=onnx", f"imgsz={IMGSZ}", "dynamic=True"], cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     onnx_file = tmp_path / "best.onnx"
