@@ -9,15 +9,15 @@ Outputs in --out: results.csv (one row per run), results.md (mean ± std per var
 CPU latency and vs GFLOPs), and runs/<variant>/seed<k>/ with Ultralytics' files and train.log. Rerunning the same
 command reuses finished runs (done.json) and redoes interrupted ones, so it is safe to stop and resume.
 
-Time: on a 2-core CPU one run at the defaults (shapes: 256 train / 64 val images, imgsz 160, 10 epochs) takes
-about 75-110 s for yolov8n and each of our five variants (measured), so the six default variants take about 10
-minutes per seed; other load on the machine makes it 2-3x slower. On a GPU (device=0) these runs take seconds per
+Time: on a 2-core CPU one run at the defaults (shapes: 256 train / 64 val images, imgsz 160, 20 epochs) takes
+about 2.5 minutes for yolov8n and each of our five variants (measured: 130-200 s), so the six default variants take
+about 15 minutes per seed; other load on the machine makes it slower. On a GPU (device=0) these runs take seconds per
 epoch, Ultralytics enables AMP, and latency is also reported on the GPU. The default hyperparameters are tuned for
 such short from-scratch runs (AdamW lr0=0.003, lrf=0.2, one warm-up epoch, nbs=batch); for long runs on real data
 pass e.g. data=coco128.yaml imgsz=640 epochs=100 optimizer=auto lrf=0.01 warmup_epochs=3 nbs=64, ideally on a GPU.
 
 Examples:
-  python scripts/ablate.py                                  # all variants on shapes, 10 epochs, imgsz 160
+  python scripts/ablate.py                                  # all variants on shapes, 20 epochs, imgsz 160
   python scripts/ablate.py baseline saconv --seeds 0 1 2    # mean ± std over three seeds
   python scripts/ablate.py data=coco128.yaml epochs=100 imgsz=640 device=0 --out runs/ablate-coco
 """

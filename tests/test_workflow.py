@@ -13,7 +13,7 @@ import yaml
 
 import yolo_convplug  # noqa: F401  (registers the plug-ins with Ultralytics)
 from yolo_convplug import data as data_mod
-from yolo_convplug.ablate import ablate
+from yolo_convplug.ablate import ablate, write_results
 from yolo_convplug.data import CLASSES, ShapesSpec, make_shapes, resolve_data
 from yolo_convplug.swap import SwapError, load_model_yaml, swap_dict, swap_yaml
 
@@ -123,6 +123,20 @@ def test_ablate_artefacts_and_resume(tmp_path, capsys, monkeypatch):
     assert not stale.exists() and done["yolov8n-saconv"].exists()
     assert done["yolov8n"].stat().st_mtime_ns == stamps["yolov8n"]
     assert json.loads(done["yolov8n-saconv"].read_text())["row"]["variant"] == "yolov8n-saconv"
+
+
+def test_results_mean_std_over_seeds(tmp_path):
+    rows = [
+        {"variant": v, "model": f"{v}.yaml", "seed": s, "params": 3e6, "gflops": g, "latency_cpu_ms": 10.0 + s,
+         "latency_gpu_ms": math.nan, "train_s": 60.0, "mAP50": 0.5, "mAP50-95": m}
+        for v, g, ms in (("base", 0.5, (0.4, 0.2)), ("var", 0.6, (0.3, 0.3)))
+        for s, m in enumerate(ms)
+    ]  # fmt: skip
+    csv_path, md_path, png_path = write_results(rows, tmp_path, {"epochs": 10})
+    md = md_path.read_text()
+    assert "| base | 2 |" in md and "0.300 ± 0.141" in md and "10.50 ± 0.71" in md  # mean ± sample std
+    assert "| - |" in md and "1.00x" in md and "Settings: epochs=10" in md  # no GPU: '-'
+    assert len(list(csv.DictReader(csv_path.open()))) == 4 and png_path.stat().st_size > 10_000
 
 
 def _rows(d):
