@@ -196,16 +196,23 @@ def _failing_layer(tb, code: types.CodeType):
     return None
 
 
-def _expected_args(m) -> str:
+def _expected_args(m, frame: dict) -> str:
+    """The YAML arguments ``m`` takes, without those the parser inserts (c1; and n for repeat modules)."""
     try:
-        params = list(inspect.signature(m).parameters)
+        params = [p for p in inspect.signature(m).parameters if p not in ("args", "kwargs")]
     except (TypeError, ValueError):
         return ""
     role = next((e.role for e in registered().values() if e.cls is m), None)
-    inserted = {"conv": 1, "keep": 1, "repeat": 1}.get(role, 0)
-    shown = ", ".join(p for p in params[inserted:] if p not in ("args", "kwargs"))
-    where = "after the inserted input channels c1" if inserted else "as written"
-    return f" Expected YAML args ({where}): [{shown}]."
+    if role is None:  # an Ultralytics module: its role is its membership in parse_model's sets (8.3.100+)
+        role = "repeat" if m in frame.get("repeat_modules", ()) else "conv" if m in frame.get("base_modules", ()) else None
+    if role == "repeat":
+        params = [params[1], *params[3:]]
+    elif role in ("conv", "keep"):
+        params = params[1:]
+    where = "after the input channels c1 the parser inserts" if role else "as written"
+    if role == "repeat":
+        where += ", and n from the row's repeats"
+    return f" Expected YAML args ({where}): [{', '.join(params)}]."
 
 
 def _make_wrapper(tasks: types.ModuleType, patched, original):
@@ -224,7 +231,7 @@ def _make_wrapper(tasks: types.ModuleType, patched, original):
             name = getattr(m, "__name__", m)
             message = (
                 f"{name} could not be built with arguments {frame.get('args')!r} "
-                f"({type(e).__name__}: {e}).{_expected_args(m)}"
+                f"({type(e).__name__}: {e}).{_expected_args(m, frame)}"
             )
             err = _row_error(i, rows[i] if i < len(rows) else None, message)
             err.original = e
