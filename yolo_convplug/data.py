@@ -11,7 +11,8 @@
 circles, rectangles, triangles and crosses in random colours on textured backgrounds (gradients, stripes, checkers,
 smoothed noise). A YOLOv8n from scratch learns it on a CPU in minutes, which makes it the offline default and the
 learnability benchmark of ``ablate``: with ablate's settings (imgsz 160, the default 256 + 64 images, 2-core CPU) it
-reaches mAP50 0.45-0.57 after 10 epochs (~75 s) and 0.83-0.90 after 20 (~150 s), two seeds each. Spell it ``shapes`` or with options, ``shapes:train=16,val=8,imgsz=64,seed=0``.
+reaches mAP50 0.45-0.57 after 10 epochs (~75 s) and 0.83-0.90 after 20 (~150 s), two seeds each. Spell it
+``shapes`` or with options, ``shapes:train=16,val=8,imgsz=64,seed=0``.
 """
 
 from __future__ import annotations
