@@ -30,7 +30,7 @@ class ScConvRef(nn.Module):
         super().__init__()
         assert k % 2 == 1, "the reference samples the kxk window centres, which needs an odd k"
         self.k, self.s, self.t = k, s, gate_threshold
-        self.gn = nn.GroupNorm(_divisor_at_most(c1, 16), c1)
+        self.gn = nn.GroupNorm(_divisor_at_most(c1, min(16, c1 // 2)), c1)  # >= 2 channels per group
         self.up = min(max(int(alpha * c1 + 0.5), 1), c1 - 1)
         m = min(c1, c2)
         mu = min(max(int(alpha * m + 0.5), 1), m - 1)

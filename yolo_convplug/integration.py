@@ -209,9 +209,9 @@ def _expected_args(m, frame: dict) -> str:
         params = [params[1], *params[3:]]
     elif role in ("conv", "keep"):
         params = params[1:]
-    where = "after the input channels c1 the parser inserts" if role else "as written"
+    where = "after the inserted input channels c1" if role else "as written"
     if role == "repeat":
-        where += ", and n from the row's repeats"
+        where += " and repeats n"
     return f" Expected YAML args ({where}): [{', '.join(params)}]."
 
 

@@ -50,7 +50,8 @@ class ScConv(nn.Module):
     - squeezed widths come from ``m = min(c1, c2)``: ``su = round(alpha·m) // squeeze``, ``sl = (m - round(alpha·m))
       // squeeze`` (at least 1; ``sl <= c2 - 1`` so PWC2 keeps an output), the paper's ``alpha·C/r`` when c1 = c2;
       narrow outputs thus get narrow squeezes and the module stays below the plain conv's params for any c1, c2;
-    - group counts adapt: GroupNorm uses ``gn_groups`` or the largest divisor of c1 up to 16 (the paper's 16), the
+    - group counts adapt: GroupNorm uses ``gn_groups`` or the largest divisor of c1 up to 16 (the paper's 16) that
+      leaves 2 channels per group (a one-value group cannot normalise a 1x1 map), the
       GWC the largest divisor of gcd(su, c2) up to ``group_size`` (the paper's 2); odd channel counts work;
     - with ``k = 1`` the GWC is itself point-wise and GWC + PWC1 would be one 1x1 conv written twice, so only PWC1 is
       kept.
@@ -74,7 +75,8 @@ class ScConv(nn.Module):
         squeeze (int): Squeeze ratio r of the 1x1 squeeze convs.
         group_size (int): Groups of the kxk group-wise conv (upper bound, see above).
         gate_threshold (float): SRU gate threshold t, in (0, 1).
-        gn_groups (int | None): GroupNorm groups (must divide c1); None picks the largest divisor of c1 up to 16.
+        gn_groups (int | None): GroupNorm groups (must divide c1, >= 2 channels each); None picks the largest
+            divisor of c1 up to min(16, c1 // 2).
     """
 
     def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, alpha=0.5, squeeze=2, group_size=2,
@@ -93,9 +95,16 @@ class ScConv(nn.Module):
         require(isinstance(gate_threshold, (int, float)) and not isinstance(gate_threshold, bool)
                 and 0 < gate_threshold < 1, name, "gate_threshold", gate_threshold, "use a value in (0, 1)")
         if gn_groups is None:
-            gn_groups = largest_divisor(c1, 16)
+            gn_groups = largest_divisor(c1, min(16, c1 // 2))
         require_int(name, "gn_groups", gn_groups)
-        require(c1 % gn_groups == 0, name, "gn_groups", gn_groups, f"it must divide c1={c1} (or pass None)")
+        require(
+            c1 % gn_groups == 0 and c1 // gn_groups >= 2,
+            name,
+            "gn_groups",
+            gn_groups,
+            f"it must divide c1={c1} leaving >= 2 channels per group, so 1x1 maps (P5 at imgsz 32) still normalise; "
+            "or pass None",
+        )
 
         self.gn = nn.GroupNorm(gn_groups, c1)
         self.threshold = gate_threshold
