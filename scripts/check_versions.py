@@ -55,12 +55,12 @@ def _run(cmd: list[str], log, **kwargs) -> int:
     return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs).returncode
 
 
-def make_venv(venv: Path, version: str, torch_spec: str, log) -> str | None:
+def make_venv(venv: Path, version: str, torch_spec: str, log, extra: tuple[str, ...] = ()) -> str | None:
     """Create ``venv`` (or reuse it) and install the torch spec, this repository with its ``dev`` extra (pytest,
     onnx, onnxruntime, onnxslim) and ``ultralytics==version``; return an error message or None."""
     python = venv / "bin" / "python"
     install = [str(python), "-m", "pip", "install", *torch_spec.split(), "-e", f"{ROOT}[dev]"]
-    install.append(f"ultralytics=={version}")
+    install += [f"ultralytics=={version}", *extra]
     marker = venv / f".installed-{hashlib.sha1(' '.join(install[3:]).encode()).hexdigest()[:12]}"
     if marker.exists():
         log.write(f"reusing {venv}\n")
@@ -83,12 +83,12 @@ def _summary(output: str) -> dict[str, int]:
     return counts
 
 
-def check(version: str, venv_root: Path, torch_spec: str, tests: list[str], log_dir: Path) -> dict:
+def check(version: str, venv_root: Path, torch_spec: str, tests: list[str], log_dir: Path, extra=()) -> dict:
     venv = venv_root / f"ultralytics-{version}"
     log_path = log_dir / f"ultralytics-{version}.log"
     start = time.time()
     with open(log_path, "w") as log:
-        error = make_venv(venv, version, torch_spec, log)
+        error = make_venv(venv, version, torch_spec, log, tuple(extra))
         install_s = time.time() - start
         row = {"version": version, "log": log_path, "install_s": install_s, "counts": {}, "result": error or ""}
         if error:
@@ -110,9 +110,9 @@ def check(version: str, venv_root: Path, torch_spec: str, tests: list[str], log_
     return row
 
 
-def table(rows: list[dict], torch_spec: str, python: str) -> str:
+def table(rows: list[dict], torch_spec: str, python: str, tests: list[str]) -> str:
     head = (
-        f"Python {python}, {torch_spec}\n\n"
+        f"Python {python}, {torch_spec}; {' '.join(tests)}\n\n"
         "| Ultralytics | result | passed | failed | skipped | errors | test seconds |\n"
         "|---|---|---|---|---|---|---|"
     )
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--versions", nargs="+", default=list(DEFAULT_VERSIONS), help="'latest' = newest supported")
     ap.add_argument("--tests", nargs="+", default=["tests/test_integration.py"], help="pytest paths (repo root)")
     ap.add_argument("--torch-spec", default=DEFAULT_TORCH, help=f"pip requirements for torch ({DEFAULT_TORCH!r})")
+    ap.add_argument("--pip-extra", nargs="*", default=[], help="more requirements, e.g. onnxscript")
     ap.add_argument("--venv-root", type=Path, help="where the venvs go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the venvs; a run with the same --venv-root reuses them")
     ap.add_argument("--log-dir", type=Path, default=ROOT / "runs" / "check_versions", help="one log per version")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for version in versions:
             log = args.log_dir / f"ultralytics-{version}.log"
             print(f"ultralytics {version}: venv under {venv_root}, log {log}", flush=True)
-            row = check(version, venv_root, args.torch_spec, args.tests, args.log_dir)
+            row = check(version, venv_root, args.torch_spec, args.tests, args.log_dir, args.pip_extra)
             rows.append(row)
             print(f"  {row['result']} {row['counts']} (install {row['install_s']:.0f} s)", flush=True)
             for line in row.get("failures", []):
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and args.venv_root is None:
             shutil.rmtree(venv_root, ignore_errors=True)
     print()
-    print(table(rows, args.torch_spec, ".".join(map(str, sys.version_info[:2]))))
+    setup = " ".join([args.torch_spec, *args.pip_extra])
+    print(table(rows, setup, ".".join(map(str, sys.version_info[:2])), args.tests))
     return 0 if all(r["result"] == "pass" for r in rows) else 1
 
 
