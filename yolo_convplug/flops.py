@@ -22,8 +22,10 @@ def _dsconv_macs(m, x, y):
 
 
 def _condconv_macs(m, x, y):
-    """The per-sample convolution plus mixing the expert kernels (one multiply-add per weight and sample)."""
-    m.total_ops += y.numel() * (m.weight.shape[1] // m.c2) + x[0].shape[0] * m.weight.numel()
+    """The per-sample convolution. Mixing the expert kernels (experts x kernel size per sample, independent of the
+    image size) is left out: Ultralytics 8.3 counts at a stride-sized input and scales by resolution, which would
+    inflate a size-independent term hundreds of times; at real sizes it is ~1-2% of the convolution."""
+    m.total_ops += y.numel() * (m.weight.shape[1] // m.c2)
 
 
 def register_thop_rules() -> None:
