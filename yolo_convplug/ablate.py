@@ -389,7 +389,8 @@ def plot_results(summary: list[dict], path: Path) -> Path:
         for i, s in enumerate(summary):
             (x, xe), (y, ye) = s[key], s["mAP50-95"]
             ax.errorbar(x, y, xerr=xe or None, yerr=ye or None, fmt="o", color=f"C{i}", capsize=3)
-            ax.annotate(s["variant"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            dy = 5 if i % 2 == 0 else -12  # alternate above/below so that neighbours' labels do not overlap
+            ax.annotate(s["variant"], (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("mAP50-95")
         ax.grid(alpha=0.3)
