@@ -152,8 +152,9 @@ def test_impossible_channels_and_options_raise_valueerror_with_fix(cls, kwargs, 
 @pytest.mark.parametrize("bad", ["64", 64.0, [64], None, True], ids=repr)
 def test_non_int_channels_raise_valueerror_naming_c2(cls, bad):
     """A string/float/list/None/bool c2 given directly (a user's code, not the YAML parser) -> ValueError on c2."""
-    if cls is PConv and bad is None:
-        pytest.skip("PConv(c1, None) is valid: c2 defaults to c1")
+    if cls is PConv and bad is None:  # valid: c2=None means c2 = c1
+        assert PConv(16, None)(torch.zeros(1, 16, 4, 4)).shape == (1, 16, 4, 4)
+        return
     with pytest.raises(ValueError, match=r"c2=.* is not valid"):
         cls(16, bad)
 
