@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from yolo_convplug.modules.dsconv import DSConv2d
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import ultralytics.nn.tasks as tasks
 from conftest import MODEL_YAMLS
 from ultralytics.nn.modules import Conv

@@ -12,14 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import Conv
 
+from onnx_check import onnx_outputs, rel_err
 from ref_dsconv import DSConvNaive
 from yolo_convplug.modules.dsconv import DSConv2d
 
 GRID = [(16, 32, 3, 2), (32, 32, 3, 1), (64, 128, 3, 2), (40, 24, 3, 1), (256, 256, 1, 1), (8, 16, 5, 1)]
 
 
-def rel_err(a, b, floor=1e-12):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
 
 
 def trained_like(m, seed=0):
@@ -277,27 +276,11 @@ def test_jit_trace(fuse):
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_onnx_parity(fuse):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
     m = trained_like(DSConv2d(16, 24, 3, 2, kds_bias=True, cds=True)).eval()
     if fuse:
         m.fuse()
-    f = io.BytesIO()
-    torch.onnx.export(
-        m,
-        (torch.randn(1, 16, 12, 12),),
-        f,
-        dynamo=False,
-        opset_version=17,
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-    )
-    session = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
-    for batch in (1, 3):
-        x = torch.randn(batch, 16, 12, 12)
-        (y,) = session.run(None, {"x": x.numpy()})
-        assert rel_err(torch.from_numpy(y), m(x)) < 1e-4
+    for y, expected in onnx_outputs(m, torch.randn(1, 16, 12, 12)):
+        assert rel_err(y, expected) < 1e-4
 
 
 @pytest.mark.parametrize(

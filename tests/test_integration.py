@@ -9,7 +9,6 @@ import types
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 from conftest import MODEL_YAMLS, ROOT, run_python
 from ultralytics.nn.modules import C2f, Conv
 from ultralytics.nn.tasks import DetectionModel, parse_model, yaml_model_load
