@@ -9,7 +9,7 @@ import pytest
 import torch
 from ultralytics.nn.modules.conv import Conv
 
-from onnx_check import onnx_outputs
+from module_checks import bf16_forward, bf16_training_grads_finite, onnx_outputs
 from ref_condconv import CondConvLoop
 from yolo_convplug.modules.condconv import CondConv
 
@@ -108,15 +108,10 @@ def test_bf16_autocast():
     torch.manual_seed(0)
     m = CondConv(32, 64, 3, 2).eval()
     x = torch.randn(2, 32, 16, 16)
-    ref = m(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(x)
+    y, ref = bf16_forward(m, x)
     assert y.shape == ref.shape and torch.isfinite(y).all()
     assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
-    m.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        m(x).float().sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert bf16_training_grads_finite(m, x)
 
 
 def test_input_is_not_mutated():

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import Conv
 
-from onnx_check import onnx_outputs, rel_err
+from module_checks import bf16_forward, bf16_training_grads_finite, onnx_outputs, rel_err
 from ref_saconv import SAConvNaive
 from yolo_convplug.modules.saconv import SAConv2d
 
@@ -147,15 +147,10 @@ def test_bf16_autocast():
     m = perturbed(SAConv2d(16, 32, 3, 2))
     x = torch.randn(2, 16, 12, 12)
     for mode in (True, False):
-        m.train(mode)
-        ref = m(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
+        y, ref = bf16_forward(m.train(mode), x)
         assert y.shape == ref.shape and torch.isfinite(y).all()
         assert rel_err(y.float(), ref) < 0.1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        m.train()(x).float().sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert bf16_training_grads_finite(m, x)
 
 
 def test_fuse_is_exact_and_drops_bn():

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from ultralytics.nn.modules.conv import Conv
 
-from onnx_check import onnx_outputs
+from module_checks import bf16_forward, bf16_training_grads_finite, onnx_outputs
 from ref_scconv import ScConvRef
 from yolo_convplug.modules.scconv import ScConv
 
@@ -165,15 +165,10 @@ def test_bf16_autocast():
     randomize(m)
     m.eval()
     x = torch.randn(2, 32, 16, 16)
-    ref = m(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(x)
+    y, ref = bf16_forward(m, x)
     assert y.shape == ref.shape and torch.isfinite(y).all()
     assert (y.float() - ref).abs().mean() < 0.05 * ref.abs().mean()  # bf16, and a hard gate that may flip
-    m.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        m(x).float().sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert bf16_training_grads_finite(m, x)
 
 
 def test_input_is_not_mutated():

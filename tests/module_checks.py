@@ -1,4 +1,4 @@
-"""Shared test helpers: relative error and an ONNX round trip with a dynamic batch axis."""
+"""Checks every module test runs: relative error, CPU bf16 autocast, and an ONNX round trip with a dynamic batch."""
 
 from __future__ import annotations
 
@@ -30,3 +30,17 @@ def onnx_outputs(module: torch.nn.Module, example: torch.Tensor, batches=(1, 3))
         with torch.no_grad():
             expected = module(x)
         yield torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), expected
+
+
+def bf16_forward(module: torch.nn.Module, x: torch.Tensor):
+    """``(output under CPU bf16 autocast, fp32 output)`` of ``module`` in its current mode."""
+    ref = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return module(x), ref
+
+
+def bf16_training_grads_finite(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """A train-mode backward under CPU bf16 autocast gives every parameter a finite gradient."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module.train()(x).float().sum().backward()
+    return all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
