@@ -23,7 +23,7 @@ import inspect
 import sys
 import types
 
-from .registry import classes_with_role, registered
+from .registry import classes_with_role, registered, yaml_parameters
 
 SUPPORTED_RANGE = ">=8.3.0,<8.5"
 _HELPER = "_yolo_convplug_modules"  # injected into ultralytics.nn.tasks' globals, read by the patched parse_model
@@ -198,21 +198,17 @@ def _failing_layer(tb, code: types.CodeType):
 
 def _expected_args(m, frame: dict) -> str:
     """The YAML arguments ``m`` takes, without those the parser inserts (c1; and n for repeat modules)."""
-    try:
-        params = [p for p in inspect.signature(m).parameters if p not in ("args", "kwargs")]
-    except (TypeError, ValueError):
-        return ""
     role = next((e.role for e in registered().values() if e.cls is m), None)
     if role is None:  # an Ultralytics module: its role is its membership in parse_model's sets (8.3.100+)
         role = "repeat" if m in frame.get("repeat_modules", ()) else "conv" if m in frame.get("base_modules", ()) else None
-    if role == "repeat":
-        params = [params[1], *params[3:]]
-    elif role in ("conv", "keep"):
-        params = params[1:]
+    params = yaml_parameters(m, role)
+    if params is None:
+        return ""
+    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     where = "after the inserted input channels c1" if role else "as written"
     if role == "repeat":
         where += " and repeats n"
-    return f" Expected YAML args ({where}): [{', '.join(params)}]."
+    return f" Expected YAML args ({where}): [{', '.join(names)}]."
 
 
 def _make_wrapper(tasks: types.ModuleType, patched, original):

@@ -15,6 +15,7 @@ The registry only holds classes; :mod:`yolo_convplug.integration` teaches Ultral
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import NamedTuple
 
@@ -90,6 +91,18 @@ def unregister(name: str) -> None:
 def registered() -> dict[str, Entry]:
     """A copy of the registry: name -> Entry(cls, role)."""
     return dict(_ENTRIES)
+
+
+def yaml_parameters(cls: type, role: str | None) -> list[inspect.Parameter] | None:
+    """The constructor parameters a YAML row's args fill: those after the parser-inserted ``c1`` (conv, keep roles)
+    and ``n`` (repeat role); all of them for a module without a role; None when the signature cannot be read."""
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if role == "repeat":
+        return params[1:2] + params[3:]
+    return params[1:] if role in ("conv", "keep") else params
 
 
 def classes_with_role(role: str) -> frozenset:

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from yolo_convplug.registry import registered, yaml_parameters
+
 SCOPES = ("all", "backbone", "head", "strided")
 ULTRALYTICS_ROLES = {
     **dict.fromkeys(("Conv", "DWConv", "GhostConv"), "conv"),
@@ -62,8 +64,6 @@ def _catalogue() -> dict[str, tuple[type | None, str]]:
     """Module name -> (class, role) for Ultralytics' own role-known modules and every registered plug-in."""
     from ultralytics.nn import tasks
 
-    from yolo_convplug.registry import registered
-
     return {
         **{name: (getattr(tasks, name, None), role) for name, role in ULTRALYTICS_ROLES.items()},
         **{name: (e.cls, e.role) for name, e in registered().items()},
@@ -88,14 +88,11 @@ def _known(name: str) -> bool:
 
 
 def _yaml_params(cls: type, role: str) -> list[inspect.Parameter] | None:
-    """The constructor parameters a YAML row's args fill: after c1 (conv, keep), and around the inserted n (repeat)."""
-    try:
-        params = list(inspect.signature(cls).parameters.values())
-    except (TypeError, ValueError):
+    """``yaml_parameters`` of ``cls``, or None when it takes ``*args``/``**kwargs`` (no names to match by)."""
+    params = yaml_parameters(cls, role)
+    if params is None or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return None
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        return None
-    return params[1:2] + params[3:] if role == "repeat" else params[1:]
+    return params
 
 
 def rewrite_args(i: int, row: list, new: str, catalogue: dict) -> tuple[list, list[str]]:
