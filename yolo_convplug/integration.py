@@ -23,7 +23,9 @@ import inspect
 import sys
 import types
 
+from .model_yaml import ModelYamlError, row_error, rows
 from .registry import classes_with_role, registered, yaml_parameters
+from .warm_start import patch_load
 
 SUPPORTED_RANGE = ">=8.3.0,<8.5"
 _HELPER = "_yolo_convplug_modules"  # injected into ultralytics.nn.tasks' globals, read by the patched parse_model
@@ -31,10 +33,6 @@ _HELPER = "_yolo_convplug_modules"  # injected into ultralytics.nn.tasks' global
 
 class UnsupportedUltralyticsError(RuntimeError):
     """The installed Ultralytics' ``parse_model`` does not have a shape this package knows how to extend."""
-
-
-class ModelYamlError(ValueError):
-    """A model YAML row that cannot be built: names the layer, the module and the fix."""
 
 
 def ultralytics_version() -> str:
@@ -70,6 +68,8 @@ class _ParseModelTransformer(ast.NodeTransformer):
         self.conv_set_names: set[str] = set()  # local variables bound to the extended Conv set, e.g. base_modules
         self.keep_branch = False
         self.legacy_hook = False
+        self.conv_names: set[str] = set()  # Ultralytics' own modules in the sets that contain Conv
+        self.repeat_names: set[str] = set()  # ... and in the sets that contain C2f (the repeat_modules)
 
     def visit_Assign(self, node):
         names = _set_names(node.value)
@@ -86,7 +86,10 @@ class _ParseModelTransformer(ast.NodeTransformer):
         names = _set_names(node)
         if names is None or "Conv" not in names and "C2f" not in names:
             return None
+        if "C2f" in names and "Conv" not in names:
+            self.repeat_names |= names
         if "Conv" in names:
+            self.conv_names |= names
             self.conv_sets += 1
             extra = _helper_call("conv", "repeat")
         else:
@@ -139,6 +142,8 @@ def _patched_parse_model(tasks: types.ModuleType):
                 f"{transformer.repeat_sets}, Conv branch found: {transformer.keep_branch})"
             )
         )
+    _ROLES.update({n: "repeat" for n in transformer.repeat_names})
+    _ROLES.update({n: "conv" for n in transformer.conv_names - transformer.repeat_names})
     ast.increment_lineno(tree, first_line - 1)  # tracebacks point at the real lines of tasks.py
     namespace: dict = {}
     exec(compile(tree, inspect.getsourcefile(original) or "<parse_model>", "exec"), vars(tasks), namespace)
@@ -152,16 +157,31 @@ def _unsupported(reason: str) -> str:
     )
 
 
+_ROLES: dict[str, str] = {}  # Ultralytics' own module name -> "conv"/"repeat", read from its parse_model
+
+
+def ultralytics_roles() -> dict[str, str]:
+    """Ultralytics' own module names by parser role, as the installed ``parse_model`` lists them: ``repeat`` for its
+    ``repeat_modules`` (``C2f``, ``C3k2``, ...: the parser inserts ``n``), ``conv`` for the rest of the set that
+    holds ``Conv`` (``c1`` inserted, ``c2`` width-scaled)."""
+    if not _ROLES:
+        import ultralytics.nn.tasks  # noqa: F401  (importing patches it, which fills _ROLES)
+
+        patch_tasks()
+    return dict(_ROLES)
+
+
 def _sync_names(tasks: types.ModuleType) -> None:
     """Register the built-in modules (first call) and expose every registered class in ``tasks``' globals."""
-    import yolo_convplug  # noqa: F401  (importing registers the built-in modules)
+    # Imported here, not at the top: the start-up hook patches ``tasks`` while Ultralytics is still importing it
+    # (8.3.0 imports ``tasks`` eagerly from its package root), and our module files import Ultralytics' Conv/C2f.
+    import yolo_convplug.modules  # noqa: F401  (importing the module files registers them)
+    from .plugins import load_user_modules
+
+    load_user_modules()
 
     for name, entry in registered().items():
         setattr(tasks, name, entry.cls)
-
-
-def _row_error(i: int, row, message: str) -> ModelYamlError:
-    return ModelYamlError(f"model YAML layer {i} {row!r}: {message}")
 
 
 def _check_rows(d: dict, tasks: types.ModuleType) -> None:
@@ -169,22 +189,40 @@ def _check_rows(d: dict, tasks: types.ModuleType) -> None:
     import torch
 
     known = [k for k, v in vars(tasks).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)]
-    for i, row in enumerate(d.get("backbone", []) + d.get("head", [])):
+    for i, row in enumerate(rows(d)):
         if not (isinstance(row, (list, tuple)) and len(row) == 4 and isinstance(row[3], list)):
-            raise _row_error(i, row, "each row must be [from, repeats, module, [args]]")
+            raise row_error(i, row, "each row must be [from, repeats, module, [args]]")
         name = row[2]
         if not isinstance(name, str):
-            raise _row_error(i, row, f"the module must be a name, got {type(name).__name__}")
+            raise row_error(i, row, f"the module must be a name, got {type(name).__name__}")
         if name.startswith(("nn.", "torchvision.ops.")) or name in vars(tasks):
+            _check_args_present(i, row, getattr(tasks, name, None))
             continue
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise _row_error(
+        raise row_error(
             i,
             row,
             f"unknown module {name!r}.{hint} Your own module: decorate it with @yolo_convplug.register(role=...) "
             "and import it before building the model.",
         )
+
+
+def _role_of(m, frame: dict | None = None) -> str | None:
+    """The parser role of class ``m``: from the registry, else from Ultralytics' own sets."""
+    role = next((e.role for e in registered().values() if e.cls is m), None)
+    if role is None and frame is not None:  # the live sets of the failing parse (8.3.100+ names them)
+        role = "repeat" if m in frame.get("repeat_modules", ()) else "conv" if m in frame.get("base_modules", ()) else None
+    return role or _ROLES.get(getattr(m, "__name__", None))
+
+
+def _check_args_present(i: int, row, m) -> None:
+    """A conv/repeat-role row needs at least ``c2``: say so instead of the parser's ``IndexError``."""
+    role = _role_of(m)
+    if row[3] or role not in ("conv", "repeat"):
+        return
+    raise row_error(i, row, f"{row[2]} needs at least its output channels c2 as the first argument, e.g. "
+                            f"[{row[0]}, {row[1]}, {row[2]}, [64]].{_expected_args(m, {})}")
 
 
 def _failing_layer(tb, code: types.CodeType):
@@ -198,9 +236,7 @@ def _failing_layer(tb, code: types.CodeType):
 
 def _expected_args(m, frame: dict) -> str:
     """The YAML arguments ``m`` takes, without those the parser inserts (c1; and n for repeat modules)."""
-    role = next((e.role for e in registered().values() if e.cls is m), None)
-    if role is None:  # an Ultralytics module: its role is its membership in parse_model's sets (8.3.100+)
-        role = "repeat" if m in frame.get("repeat_modules", ()) else "conv" if m in frame.get("base_modules", ()) else None
+    role = _role_of(m, frame)
     params = yaml_parameters(m, role)
     if params is None:
         return ""
@@ -223,13 +259,13 @@ def _make_wrapper(tasks: types.ModuleType, patched, original):
             if frame is None or "i" not in frame:
                 raise
             i, m = frame["i"], frame.get("m")
-            rows = d.get("backbone", []) + d.get("head", [])
+            layers = rows(d)
             name = getattr(m, "__name__", m)
             message = (
                 f"{name} could not be built with arguments {frame.get('args')!r} "
                 f"({type(e).__name__}: {e}).{_expected_args(m, frame)}"
             )
-            err = _row_error(i, rows[i] if i < len(rows) else None, message)
+            err = row_error(i, layers[i] if i < len(layers) else None, message)
             err.original = e
             raise err from None
 
@@ -243,7 +279,7 @@ def _unsupported_wrapper(tasks: types.ModuleType, original, error: Exception):
 
     @functools.wraps(original)
     def parse_model(d, ch, verbose=True):
-        names = {row[2] for row in d.get("backbone", []) + d.get("head", []) if len(row) == 4}
+        names = {row[2] for row in rows(d) if len(row) == 4}
         if names & set(registered()):
             raise UnsupportedUltralyticsError(str(error))
         return original(d, ch, verbose)
@@ -288,6 +324,7 @@ def patch_tasks(tasks: types.ModuleType | None = None) -> None:
     original = tasks.parse_model
     setattr(tasks, _HELPER, lambda *roles: frozenset().union(*(classes_with_role(r) for r in roles)))
     _patch_fuse(tasks)
+    patch_load(tasks)
     try:
         patched = _patched_parse_model(tasks)
     except UnsupportedUltralyticsError as e:

@@ -1,4 +1,4 @@
-"""The convolution modules of yolo-convplug, one concept a file."""
+"""The convolution modules of yolo-convplug, one concept a file; importing a file registers its classes."""
 
 from .condconv import CondConv
 from .dsconv import DSConv2d

@@ -10,9 +10,18 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ultralytics.nn.modules.conv import autopad
 
+from ..registry import register
 from ._utils import require, require_int, resolve_act
 
 
+def _condconv_macs(m, x, y):
+    """thop rule: the per-sample convolution. Mixing the expert kernels (experts x kernel size per sample,
+    independent of the image size) is left out: Ultralytics 8.3 counts at a stride-sized input and scales by
+    resolution, which would inflate a size-independent term hundreds of times."""
+    m.total_ops += y.numel() * (m.weight.shape[1] // m.c2)
+
+
+@register(role="conv", macs=_condconv_macs, paper="CondConv, Yang, Bender, Le, Ngiam, NeurIPS 2019")
 class CondConv(nn.Module):
     """Conditionally parameterized convolution with BatchNorm and activation, Ultralytics ``Conv`` convention.
 

@@ -13,9 +13,17 @@ import torch.nn as nn
 from ultralytics.nn.modules.conv import autopad
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
+from ..registry import register
 from ._utils import require, require_int, resolve_act
 
 
+def _dsconv_macs(m, x, y):
+    """thop rule: one convolution with the quantised kernel; once fused, thop counts the fused ``nn.Conv2d`` child."""
+    if hasattr(m, "bn"):
+        m.total_ops += y.numel() * m.conv.weight[0].numel()
+
+
+@register(role="conv", macs=_dsconv_macs, paper="DSConv, Gennari do Nascimento, Prisacariu, Fawcett, ICCV 2019")
 class DSConv2d(nn.Module):
     """DSConv followed by BatchNorm and activation (Gennari do Nascimento et al., ICCV 2019).
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 from ultralytics.nn.modules.block import C2f
 from ultralytics.nn.modules.conv import Conv
 
+from ..registry import register
 from ._utils import fuse_convs, require, require_int, resolve_act
 
 
@@ -35,6 +36,7 @@ class DropPath(nn.Module):
         return x * keep.div_(1.0 - self.p)
 
 
+@register(role="conv", paper="FasterNet, Chen, Kao, He, Zhuo, Wen, Lee, Chan, CVPR 2023")
 class PConv(nn.Module):
     """Partial convolution (FasterNet, CVPR 2023, Sec. 3.1).
 
@@ -75,6 +77,7 @@ class PConv(nn.Module):
         return torch.cat((self.conv(x1), x2), 1)
 
 
+@register(role="conv", paper="FasterNet, Chen, Kao, He, Zhuo, Wen, Lee, Chan, CVPR 2023")
 class FasterBlock(nn.Module):
     """FasterNet block (FasterNet, CVPR 2023, Fig. 4).
 
@@ -138,6 +141,7 @@ class FasterBlock(nn.Module):
         return fuse_convs(self)
 
 
+@register(role="repeat", paper="FasterNet, Chen, Kao, He, Zhuo, Wen, Lee, Chan, CVPR 2023")
 class C2f_Faster(C2f):
     """Ultralytics ``C2f`` (CSP bottleneck, two convs) with FasterNet blocks instead of Bottlenecks.
 
@@ -149,7 +153,8 @@ class C2f_Faster(C2f):
         c1 (int): Input channels.
         c2 (int): Output channels.
         n (int): Number of FasterBlocks.
-        shortcut (bool): Residual inside each FasterBlock.
+        shortcut (bool): Kept for C2f's signature (YAML rows and swaps carry it over); ignored: a FasterNet
+            block always adds its residual (paper Fig. 4, the official MLPBlock), whatever C2f's flag says.
         g (int): Kept for the C2f signature; FasterBlocks have no grouped conv, so it must be 1.
         e (float): Hidden width ratio.
         n_div (int): PConv split ratio of every FasterBlock.
@@ -184,7 +189,7 @@ class C2f_Faster(C2f):
         super().__init__(c1, c2, 0, shortcut, g, e)  # n=0: no Bottlenecks are built, cv2 is rebuilt below
         self.cv2 = Conv((2 + n) * self.c, c2, 1)
         self.m = nn.ModuleList(
-            FasterBlock(self.c, self.c, n_div, mlp_ratio, drop_path, shortcut=shortcut) for _ in range(n)
+            FasterBlock(self.c, self.c, n_div, mlp_ratio, drop_path) for _ in range(n)  # residual always (Fig. 4)
         )
 
     def fuse(self) -> C2f_Faster:

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules.conv import autopad
 
+from ..registry import register
 from ._utils import require, require_int, resolve_act
 
 
@@ -62,6 +63,12 @@ class _StandardizeAddDiff(torch.autograd.Function):
         return grad.sub_(grad.mean(1, keepdim=True)).view_as(weight), grad_large, None, None
 
 
+def _saconv_macs(m, x, y):
+    """thop rule: the two atrous convolutions with the layer's kernel shape (thop sees neither F.conv2d call)."""
+    m.total_ops += 2 * y.numel() * m.conv.weight[0].numel()
+
+
+@register(role="conv", macs=_saconv_macs, paper="DetectoRS, Qiao, Chen, Yuille, CVPR 2021")
 class SAConv2d(nn.Module):
     """Switchable Atrous Convolution followed by BatchNorm and activation (DetectoRS, CVPR 2021).
 
@@ -73,8 +80,9 @@ class SAConv2d(nn.Module):
         y     = S * conv(x', W_hat, dilation d) + (1 - S) * conv(x', W_hat + dW, dilation 3d)   # dW init 0
         out   = act(BN(y + conv1x1_post(GAP(y))))                        # post-context, BN, activation
 
-    ``gamma``/``beta`` are buffers (1 and 0). Both context convs start at zero, so a fresh module is a
-    weight-standardised plain convolution. Loading a plain-convolution state dict (``conv.weight`` and no
+    ``gamma``/``beta`` are buffers, set at construction to the per-filter std and mean of the initial ``W`` (so
+    ``W_hat = W``: a fresh module has a fresh ``Conv``'s scale). Both context convs start at zero, so a fresh module
+    is a plain convolution. Loading a plain-convolution state dict (``conv.weight`` and no
     ``weight_gamma``), e.g. an Ultralytics ``Conv``'s, converts it as DetectoRS does: ``gamma = std(W)`` and
     ``beta = mean(W)``, so ``W_hat`` equals the loaded kernel, and the SAC-specific tensors the state dict lacks
     get their initial values, so the converted module computes exactly what the plain ``Conv`` did.
@@ -121,6 +129,20 @@ class SAConv2d(nn.Module):
         self.large_dilation = 3 * d if k > 1 else 1  # dilation does nothing to a 1x1 kernel: keep the fast 1x1 path
         self.large_padding = autopad(k, None, self.large_dilation)
         self.reset_sac_parameters()
+        self._match_standardization_to_kernel()
+
+    @torch.no_grad()
+    def _match_standardization_to_kernel(self):
+        """Set ``gamma = std(W)`` and ``beta = mean(W)`` per filter, so that ``W_hat = W``.
+
+        A fresh module then starts at the scale of a fresh ``nn.Conv2d`` (kernel variance ``1 / (3 fan_in)``) and
+        equals one converted from a fresh Conv. With ``gamma = 1`` the standardised kernel would have unit variance
+        per weight, its BN input ~1000x a Conv's variance, and BN's ``running_var`` could overflow float16 (65504)
+        in the half-precision checkpoints Ultralytics saves.
+        """
+        _, mean, std = _standardize(self.conv.weight, self.weight_gamma, self.weight_beta)
+        self.weight_gamma.copy_(std.view_as(self.weight_gamma))
+        self.weight_beta.copy_(mean.view_as(self.weight_beta))
 
     def reset_sac_parameters(self):
         """Set the SAC tensors to their initial values: zero contexts and weight difference, switch = 1."""

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules.conv import autopad
 
+from ..registry import register
 from ._utils import require, require_int, resolve_act
 
 
@@ -17,6 +18,7 @@ def largest_divisor(n: int, limit: int) -> int:
     return max(q for q in range(1, min(n, limit) + 1) if n % q == 0)
 
 
+@register(role="conv", paper="SCConv, Li, Wen, He, CVPR 2023")
 class ScConv(nn.Module):
     """SCConv = SRU then CRU, then BN and activation; a drop-in for Ultralytics ``Conv(c1, c2, k, s)``.
 

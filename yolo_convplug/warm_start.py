@@ -1,0 +1,95 @@
+"""Warm start: plug-in layers inherit the pretrained weights of the stock layers they replace.
+
+Ultralytics' ``pretrained=`` and ``YOLO(yaml).load(weights)`` go through ``BaseModel.load``, which copies every tensor
+whose key and shape match. For a plug-in layer that is wrong in both directions: a CondConv would get the stock BN
+statistics but random experts, an ScConv the statistics of a computation it does not do. :func:`load` (installed over
+``BaseModel.load`` by the start-up hook) first visits every registered plug-in layer ``model.<i>`` and the layer at
+the same index of the checkpoint:
+
+- the same class (resuming, fine-tuning a ``best.pt``): nothing happens here; Ultralytics loads it as always;
+- a stock layer the module replaces (``Conv``; ``C2f``/``C3k2`` for the repeat role): the module's own
+  ``convert_from(stock)`` sets every tensor of the layer (see :mod:`yolo_convplug.registry`); a module without one,
+  or one that raises ``ConversionError``, stays fresh;
+- anything else (another architecture or scale): the layer stays fresh.
+
+In the last two cases none of the checkpoint's ``model.<i>.*`` tensors reach the layer; everything else loads as
+Ultralytics does. One line per plug-in layer that was not loaded as is follows Ultralytics' "Transferred N/M items".
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+from .registry import ConversionError, registered, replaced_classes
+
+
+class _WithoutLayers:
+    """A checkpoint model whose ``state_dict()`` leaves out the given ``model.<i>.`` prefixes; all else delegates."""
+
+    def __init__(self, model, prefixes: tuple[str, ...]):
+        self._model, self._prefixes = model, prefixes
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def float(self):
+        self._model.float()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        return {k: v for k, v in self._model.state_dict(*args, **kwargs).items() if not k.startswith(self._prefixes)}
+
+
+def convert_layers(model, source) -> tuple[list[str], tuple[str, ...]]:
+    """Convert every plug-in layer of ``model`` from the stock layer at its index in ``source``.
+
+    Returns:
+        the summary lines and the state-dict prefixes (``model.<i>.``) that the generic transfer must leave alone.
+    """
+    entries = {e.cls: e for e in registered().values()}
+    src_layers = getattr(source, "model", None)
+    lines, prefixes = [], []
+    for i, layer in enumerate(getattr(model, "model", ())):
+        entry = entries.get(type(layer))
+        if entry is None:
+            continue
+        name = type(layer).__name__
+        src = src_layers[i] if src_layers is not None and i < len(src_layers) else None
+        if type(src) is type(layer):
+            continue  # same module: loaded as is by Ultralytics
+        prefixes.append(f"model.{i}.")
+        src_name = type(src).__name__ if src is not None else "nothing"
+        if src is None or not isinstance(src, replaced_classes(entry.cls, entry.role)):
+            lines.append(f"layer {i} {name}: checkpoint has {src_name} here, not a layer {name} replaces; skipped, fresh")
+        elif not callable(getattr(layer, "convert_from", None)):
+            lines.append(f"layer {i} {name}: no conversion from {src_name}, fresh")
+        else:
+            try:
+                lines.append(f"layer {i} {name} <- {src_name}: converted ({layer.convert_from(src)})")
+            except ConversionError as e:
+                lines.append(f"layer {i} {name}: no conversion from {src_name}, fresh ({e})")
+    return lines, tuple(prefixes)
+
+
+def patch_load(tasks: types.ModuleType) -> None:
+    """Wrap ``tasks.BaseModel.load`` so that plug-in layers convert before Ultralytics' generic transfer."""
+    original = getattr(tasks.BaseModel, "load", None)
+    if original is None or getattr(original, "_yolo_convplug", False):
+        return
+
+    @functools.wraps(original)
+    def load(self, weights, verbose=True):
+        source = (weights.get("ema") or weights["model"]) if isinstance(weights, dict) else weights
+        source = source.float()
+        lines, prefixes = convert_layers(self, source)
+        result = original(self, _WithoutLayers(source, prefixes) if prefixes else source, verbose)
+        if verbose and lines:
+            from ultralytics.utils import LOGGER
+
+            for line in lines:
+                LOGGER.info(f"yolo-convplug warm start: {line}")
+        return result
+
+    load._yolo_convplug = True
+    tasks.BaseModel.load = load
