@@ -1,21 +1,44 @@
-"""Shared fixtures: repository paths, the local COCO128 and a runner for fresh Python processes."""
+"""Shared fixtures and helpers: repository paths, the model YAMLs, the local COCO128 (and an 8-image subset of it),
+runners for fresh Python processes and the ``yolo`` CLI."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_YAMLS = sorted((ROOT / "model_yamls").glob("*.yaml"))
+CFG_MODELS = ROOT / "yolo_convplug" / "cfg" / "models"
+MODEL_YAMLS = sorted(CFG_MODELS.glob("*.yaml"))
 SHARED_COCO128 = ROOT.parent / "shared" / "datasets" / "coco128" / "coco128.yaml"
 
 # Tests never download: point the data resolution at the local COCO128 unless the caller already did.
 if SHARED_COCO128.exists():
     os.environ.setdefault("CONVPLUG_COCO128", str(SHARED_COCO128))
+
+
+def family(path: Path) -> str:
+    """``yolov8-saconv.yaml`` -> ``yolov8`` (the stock model the YAML derives from)."""
+    return path.stem.split("-")[0]
+
+
+def scaled(path: Path, scale: str = "n") -> str:
+    """``.../yolov8-saconv.yaml`` -> ``.../yolov8n-saconv.yaml`` (Ultralytics picks the scale from the name)."""
+    f = family(path)
+    return str(path.with_name(path.name.replace(f, f + scale, 1)))
+
+
+def train_feats(preds) -> list:
+    """The feature maps of a detection model's training output, whatever its head returns (a list in 8.3, a dict
+    with ``feats`` in 8.4, ``one2many``/``one2one`` dicts for YOLO26)."""
+    if isinstance(preds, dict):
+        return preds["feats"] if "feats" in preds else train_feats(next(iter(preds.values())))
+    return list(preds)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +47,24 @@ def coco128() -> Path:
     if not path.exists():
         pytest.skip(f"local COCO128 not found at {path} (set CONVPLUG_COCO128)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, coco128) -> Path:
+    """A data YAML of COCO128's first 8 images and labels (train = val): a real training run in seconds."""
+    root = tmp_path_factory.mktemp("tiny_coco")
+    src = yaml.safe_load(coco128.read_text())
+    images = coco128.parent / src["train"]
+    for sub in ("images", "labels"):
+        (root / sub).mkdir()
+    for image in sorted(images.glob("*.jpg"))[:8]:
+        shutil.copy(image, root / "images" / image.name)
+        label = Path(str(image.with_suffix(".txt")).replace(f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"))
+        if label.exists():
+            shutil.copy(label, root / "labels" / label.name)
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images", "val": "images", "names": src["names"]}))
+    return data
 
 
 def run_python(code: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

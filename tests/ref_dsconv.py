@@ -15,8 +15,6 @@ import math
 import torch
 import torch.nn as nn
 
-from yolo_convplug.modules.dsconv import DSConv2d
-
 
 def quantize_blocks(weight, bits, block_size):
     """Return ``(q, alpha)``: integer-valued float kernel like ``weight`` and one scale per block (c2, nb, k, k)."""
@@ -67,8 +65,3 @@ class DSConvNaive(nn.Module):
 def make_reference(c1, c2, k=3, s=1):
     """The naive (uncached, looped) reference of ``DSConv2d(c1, c2, k, s)``."""
     return DSConvNaive(c1, c2, k, s)
-
-
-def make_module(c1, c2, k=3, s=1):
-    """The module under test."""
-    return DSConv2d(c1, c2, k, s)

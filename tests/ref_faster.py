@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from yolo_convplug.modules.faster import C2f_Faster
-
 
 class PConvSplitCat(nn.Module):
     """FasterNet PConv, training path: split the channels, convolve the first part, concatenate."""
@@ -45,29 +43,28 @@ class ConvBNAct(nn.Sequential):
 
 
 class FasterNetBlock(nn.Module):
-    """FasterNet block: PConv, then 1x1 expand + BN + act, 1x1 project, residual."""
+    """FasterNet block (official MLPBlock, paper Fig. 4): PConv, then 1x1 expand + BN + act, 1x1 project, and the
+    residual, which FasterNet always adds."""
 
-    def __init__(self, dim: int, n_div: int = 4, mlp_ratio: float = 2, shortcut: bool = True, pconv=PConvSplitCat):
+    def __init__(self, dim: int, n_div: int = 4, mlp_ratio: float = 2, pconv=PConvSplitCat):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.spatial_mixing = pconv(dim, n_div)
         self.mlp = nn.Sequential(ConvBNAct(dim, hidden), nn.Conv2d(hidden, dim, 1, bias=False))
-        self.shortcut = shortcut
 
     def forward(self, x):
-        y = self.mlp(self.spatial_mixing(x))
-        return x + y if self.shortcut else y
+        return x + self.mlp(self.spatial_mixing(x))
 
 
 class ReferenceC2fFaster(nn.Module):
     """C2f with FasterNet blocks, written out: cv1, split in two halves, chained blocks, concatenation, cv2."""
 
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, e: float = 0.5, pconv=PConvSplitCat):
+    def __init__(self, c1: int, c2: int, n: int = 1, e: float = 0.5, pconv=PConvSplitCat):
         super().__init__()
         self.c = int(c2 * e)
         self.cv1 = ConvBNAct(c1, 2 * self.c)
         self.cv2 = ConvBNAct((2 + n) * self.c, c2)
-        self.m = nn.ModuleList(FasterNetBlock(self.c, shortcut=shortcut, pconv=pconv) for _ in range(n))
+        self.m = nn.ModuleList(FasterNetBlock(self.c, pconv=pconv) for _ in range(n))
 
     def forward(self, x):
         ys = list(torch.split(self.cv1(x), [self.c, self.c], 1))
@@ -84,11 +81,7 @@ def copy_weights(dst: nn.Module, src: nn.Module) -> nn.Module:
     return dst
 
 
-def make_module(c1: int, c2: int, n: int = 1, shortcut: bool = True) -> nn.Module:
-    """The module under test, by default as a YOLOv8 backbone uses C2f (shortcut=True)."""
-    return C2f_Faster(c1, c2, n, shortcut)
-
-
 def make_reference(c1: int, c2: int, n: int = 1, shortcut: bool = True) -> nn.Module:
-    """The naive formulation of the same computation (FasterNet split/cat PConv in a hand-written C2f)."""
-    return ReferenceC2fFaster(c1, c2, n, shortcut)
+    """The naive formulation of ``C2f_Faster(c1, c2, n, shortcut)`` (FasterNet split/cat PConv in a hand-written C2f);
+    ``shortcut`` is C2f's flag, which C2f_Faster ignores: its blocks always add their residual."""
+    return ReferenceC2fFaster(c1, c2, n)

@@ -2,10 +2,16 @@
 
 The DetectoRS formulation (Qiao et al., CVPR 2021, arXiv:2006.02334) as the seed writes it, corrected: ConvAWS weight
 standardisation (nested means, unbiased variance), pre-context ``x + conv1x1(GAP(x))``, switch
-``conv1x1_stride_s(avgpool5x5(x))`` pooled at all ``c1`` channels, two explicit ``F.conv2d`` (dilation ``d`` and
+``conv1x1_stride_s(avgpool5x5(x))`` pooled at all ``c1`` channels, two explicit convolutions (dilation ``d`` and
 ``3d``) with no state swapped on ``self``, ``S * out_s + (1 - S) * out_l``, post-context, BN, SiLU. The seed's
-reflect padding (which fails below 3x3 maps) is replaced by zero padding averaged over valid pixels. Parameters carry
-the module's names and shapes, so ``load_state_dict`` moves weights between the two.
+reflect padding (which fails below 3x3 maps) is replaced by zero padding averaged over valid pixels.
+
+``deform=True`` follows mmcv's ``SAConv2d(use_deform=True)``: two offset convolutions ``offset_s``/``offset_l``
+(3x3, stride ``s``) of the pooled input, and each branch a deformable convolution computed here by bilinear sampling
+with ``F.grid_sample`` (offsets ``(dy, dx)`` per kernel tap, row-major taps) and one einsum.
+
+Every tensor is loaded from the module under test with :func:`load_from_module` (the buffers' initial values here
+are placeholders), so both compute with the same gamma and beta whatever rule set them.
 """
 
 from __future__ import annotations
@@ -14,15 +20,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from yolo_convplug.modules.saconv import SAConv2d
+
+def deform_conv_by_sampling(x, offset, w, stride, padding, dilation):
+    """Deformable convolution (groups 1, one offset group): sample every tap bilinearly, then contract."""
+    b, c, h, wd = x.shape
+    o, _, k, _ = w.shape
+    ho, wo = offset.shape[2:]
+    rows = torch.arange(ho, dtype=x.dtype).view(ho, 1) * stride - padding
+    cols = torch.arange(wo, dtype=x.dtype).view(1, wo) * stride - padding
+    taps = []
+    for t in range(k * k):
+        py = rows + (t // k) * dilation + offset[:, 2 * t]  # (B, Ho, Wo)
+        px = cols + (t % k) * dilation + offset[:, 2 * t + 1]
+        grid = torch.stack((2 * px / (wd - 1) - 1, 2 * py / (h - 1) - 1), -1)  # align_corners=True pixel centres
+        taps.append(F.grid_sample(x, grid, "bilinear", "zeros", align_corners=True))  # (B, C, Ho, Wo)
+    return torch.einsum("bcthw,oct->bohw", torch.stack(taps, 2), w.view(o, c, k * k))
 
 
 class SAConvNaive(nn.Module):
     """SAC computed the straightforward way: every step its own full-size tensor, standardisation by autograd."""
 
-    def __init__(self, c1, c2, k=3, s=1, d=1):
+    def __init__(self, c1, c2, k=3, s=1, d=1, deform=False):
         super().__init__()
-        self.k, self.s, self.d = k, s, d
+        self.k, self.s, self.d, self.deform = k, s, d, deform
         self.conv = nn.Conv2d(c1, c2, k, s, d * (k - 1) // 2, d, bias=False)
         self.register_buffer("weight_gamma", torch.ones(c2, 1, 1, 1))
         self.register_buffer("weight_beta", torch.zeros(c2, 1, 1, 1))
@@ -30,10 +50,9 @@ class SAConvNaive(nn.Module):
         self.pre_context = nn.Conv2d(c1, c1, 1)
         self.switch = nn.Conv2d(c1, 1, 1, s)
         self.post_context = nn.Conv2d(c2, c2, 1)
-        for m in (self.pre_context, self.post_context, self.switch):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
-        nn.init.ones_(self.switch.bias)
+        if deform:
+            self.offset_s = nn.Conv2d(c1, 2 * k * k, 3, s, 1)
+            self.offset_l = nn.Conv2d(c1, 2 * k * k, 3, s, 1)
         self.bn = nn.BatchNorm2d(c2)
         self.act = nn.SiLU()
 
@@ -46,21 +65,28 @@ class SAConvNaive(nn.Module):
 
     def forward(self, x):
         x = x + self.pre_context(F.adaptive_avg_pool2d(x, 1)).expand_as(x)
-        switch = self.switch(F.avg_pool2d(x, 5, 1, 2, count_include_pad=False))
+        pooled = F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+        switch = self.switch(pooled)
         w = self.standardized_weight()
         k, s, d = self.k, self.s, self.d
-        out_s = F.conv2d(x, w, None, s, d * (k - 1) // 2, d)
-        out_l = F.conv2d(x, w + self.weight_diff, None, s, 3 * d * (k - 1) // 2, 3 * d)
+        dl = 3 * d
+        if self.deform:
+            out_s = deform_conv_by_sampling(x, self.offset_s(pooled), w, s, d * (k - 1) // 2, d)
+            out_l = deform_conv_by_sampling(x, self.offset_l(pooled), w + self.weight_gamma * self.weight_diff, s, dl * (k - 1) // 2, dl)
+        else:
+            out_s = F.conv2d(x, w, None, s, d * (k - 1) // 2, d)
+            out_l = F.conv2d(x, w + self.weight_gamma * self.weight_diff, None, s, dl * (k - 1) // 2, dl)
         out = switch * out_s + (1 - switch) * out_l
         out = out + self.post_context(F.adaptive_avg_pool2d(out, 1)).expand_as(out)
         return self.act(self.bn(out))
 
 
-def make_reference(c1, c2, k=3, s=1):
-    """The naive reference of ``SAConv2d(c1, c2, k, s)``."""
-    return SAConvNaive(c1, c2, k, s)
-
-
-def make_module(c1, c2, k=3, s=1):
-    """The module under test."""
-    return SAConv2d(c1, c2, k, s)
+def load_from_module(ref: SAConvNaive, module: nn.Module) -> SAConvNaive:
+    """Copy every tensor of ``module`` into ``ref`` (strict); the module's one ``offset`` conv holds the small
+    branch's offsets in its first half of output channels and the large branch's in its second half."""
+    state = dict(module.state_dict())
+    if ref.deform:
+        for name in ("weight", "bias"):
+            state[f"offset_s.{name}"], state[f"offset_l.{name}"] = state.pop(f"offset.{name}").chunk(2)
+    ref.load_state_dict(state)
+    return ref

@@ -1,11 +1,12 @@
 """Naive SCConv reference, written independently of ``yolo_convplug.modules.scconv``.
 
-A literal reading of the paper (Li, Li, Wen, CVPR 2023): the SRU normalises gamma as ``gamma / sum(gamma)``, builds the
+A literal reading of the paper (Li, Wen, He, CVPR 2023): the SRU normalises gamma as ``gamma / sum(gamma)``, builds the
 masks with ``torch.where``, splits with ``torch.split`` and concatenates; the CRU runs every branch at full resolution,
 fuses with ``softmax`` over the stacked pooled descriptors, and only then subsamples for a stride. It takes the
 module's generalisation to ``c1 != c2`` and stride ``s`` (odd ``k`` with autopad), with the widths recomputed here
-from the rules the module documents. Parameters carry the module's names and shapes, so ``load_state_dict`` moves
-weights between the two (and fails loudly if the two disagree on a width).
+from the rules the module documents. Parameters carry the module's names and shapes (the GN affine, (1, c1, 1, 1) in
+the module, is flattened on load), so ``load_state_dict`` moves weights between the two (and fails loudly if the two
+disagree on a width).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from yolo_convplug.modules.scconv import ScConv
 
 
 def _divisor_at_most(n, limit):
@@ -43,6 +42,13 @@ class ScConvRef(nn.Module):
         self.pwc2 = nn.Conv2d(sl, c2 - sl, 1, bias=False)
         self.bn = nn.BatchNorm2d(c2)
         self.act = nn.SiLU()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Flatten the module's (1, c1, 1, 1) GN affine to nn.GroupNorm's (c1,), then load."""
+        for name in ("gn.weight", "gn.bias"):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = state_dict[prefix + name].flatten()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def sru(self, x):
         gamma = self.gn.weight
@@ -73,8 +79,3 @@ class ScConvRef(nn.Module):
 def make_reference(c1, c2, k=3, s=1):
     """The literal, full-resolution reference of ``ScConv(c1, c2, k, s)``."""
     return ScConvRef(c1, c2, k, s)
-
-
-def make_module(c1, c2, k=3, s=1):
-    """The module under test."""
-    return ScConv(c1, c2, k, s)

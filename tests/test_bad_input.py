@@ -1,10 +1,11 @@
 """Bad input, for every module: each case either works or gets an error that names the layer/argument and the fix.
 
 Cases: wrong YAML argument types and counts (through Ultralytics' parser -> ``ModelYamlError``), channel counts and
-options a module cannot take (directly -> ``ValueError``; through a YAML -> ``ModelYamlError``), every width-scaled
-channel count and 1x1 maps, imgsz 32 and batch 1 in training for every model YAML (compared with stock YOLO),
-misspelt module names, and an Ultralytics whose version or ``parse_model`` is outside what we support.
-tests/test_integration.py covers the basic unknown-name, bad-row and fake-``parse_model`` cases; this extends them.
+options a module cannot take (directly -> ``ValueError``; through a YAML -> ``ModelYamlError``), imgsz 32 and batch 1
+in training for every model YAML (compared with stock YOLO), misspelt module names, and an Ultralytics whose version
+or ``parse_model`` is outside what we support. tests/test_integration.py covers the basic unknown-name, bad-row and
+fake-``parse_model`` cases; this extends them. The bad arguments every module shares (channel counts of the wrong
+type or value) and every width-scaled channel count on 1x1 maps are in tests/test_contract.py.
 """
 
 from __future__ import annotations
@@ -18,16 +19,33 @@ from pathlib import Path
 import pytest
 import torch
 import ultralytics.nn.tasks as tasks
-from conftest import MODEL_YAMLS
-from ultralytics.nn.modules import Conv
+from conftest import MODEL_YAMLS, family, scaled, train_feats
+from module_checks import takes_kernel_and_stride
 from ultralytics.nn.tasks import DetectionModel, parse_model
 
 import yolo_convplug
 from yolo_convplug import C2f_Faster, CondConv, DSConv2d, FasterBlock, ModelYamlError, PConv, SAConv2d, ScConv
 from yolo_convplug import integration
+from yolo_convplug.registry import registered
 
 INTEGRATION_PY = Path(integration.__file__).name
-CONV_LIKE = {"SAConv2d": SAConv2d, "DSConv2d": DSConv2d, "ScConv": ScConv, "CondConv": CondConv}
+
+
+def _builds(cls, *args) -> bool:
+    try:
+        cls(*args)
+    except ValueError:
+        return False
+    return True
+
+
+# every registered module that stands in for Conv(c1, c2, k, s), a widening stride-2 one included, takes the
+# generic YAML cases below (PConv keeps its channels and stride: its own rows)
+CONV_LIKE = {
+    n: e.cls
+    for n, e in registered().items()
+    if e.role == "conv" and takes_kernel_and_stride(e.cls) and _builds(e.cls, 32, 64, 3, 2)
+}
 # a valid YAML row for each module at layer 2 of a two-Conv stem (layer 1 gives 128 * 0.25 = 32 channels at scale n)
 VALID_ROWS = {
     **{name: [-1, 1, name, [256, 3, 2]] for name in CONV_LIKE},
@@ -147,17 +165,6 @@ def test_impossible_channels_and_options_raise_valueerror_with_fix(cls, kwargs, 
         cls(**kwargs)
 
 
-@pytest.mark.parametrize("cls", [SAConv2d, DSConv2d, ScConv, CondConv, PConv, FasterBlock, C2f_Faster])
-@pytest.mark.parametrize("bad", ["64", 64.0, [64], None, True], ids=repr)
-def test_non_int_channels_raise_valueerror_naming_c2(cls, bad):
-    """A string/float/list/None/bool c2 given directly (a user's code, not the YAML parser) -> ValueError on c2."""
-    if cls is PConv and bad is None:  # valid: c2=None means c2 = c1
-        assert PConv(16, None)(torch.zeros(1, 16, 4, 4)).shape == (1, 16, 4, 4)
-        return
-    with pytest.raises(ValueError, match=r"c2=.* is not valid"):
-        cls(16, bad)
-
-
 # (row at layer 2, the argument/fix the error must name): constraints that only the scaled channels reveal
 YAML_CHANNEL_CASES = [
     ([-1, 1, "CondConv", [256, 3, 2, None, 3]], r"g=3 is not valid; groups must divide c1=32 and c2=64"),
@@ -179,43 +186,7 @@ def test_impossible_channels_through_yaml_name_layer_and_fix(row, match):
     assert_short(excinfo)
 
 
-# --- every width-scaled channel count, 1x1 maps, batch 1 ------------------------------------------------------
-
-CHANNELS = [(8, 8), (8, 24), (16, 32), (24, 8), (40, 40), (72, 24), (24, 200)]
-
-
-def _build(cls, c1, c2, s):
-    if cls in (PConv,):
-        return cls(c1, c1) if s == 1 else None
-    if cls is FasterBlock:
-        return cls(c1, c2) if s == 1 else None
-    if cls is C2f_Faster:
-        return cls(c1, c2, 2, True) if s == 1 else None
-    return cls(c1, c2, 3, s)
-
-
-@pytest.mark.parametrize(("c1", "c2"), CHANNELS, ids=lambda c: str(c))
-@pytest.mark.parametrize("cls", [SAConv2d, DSConv2d, ScConv, CondConv, PConv, FasterBlock, C2f_Faster])
-def test_width_scaled_channels_and_tiny_maps_work(cls, c1, c2):
-    """Channel counts from width scaling (multiples of 8, odd multiples too) on 1x1..3x3 maps, train and eval,
-    give Conv's output shape and finite values; batch 1 works in eval and, from 2x2 maps on, in training."""
-    torch.manual_seed(0)
-    for s in (1, 2):
-        m = _build(cls, c1, c2, s)
-        if m is None:
-            continue
-        c_out = c1 if cls is PConv else c2
-        for hw in (1, 2, 3):
-            ref = Conv(c1, c_out, 3, s).eval()(torch.zeros(1, c1, hw, hw)).shape[1:]
-            m.train()
-            y = m(torch.randn(2, c1, hw, hw))
-            assert y.shape[1:] == ref and torch.isfinite(y).all(), (c1, c2, s, hw)
-            m.eval()
-            with torch.no_grad():
-                y = m(torch.randn(1, c1, hw, hw))
-            assert y.shape[1:] == ref and torch.isfinite(y).all(), (c1, c2, s, hw)
-        m.train()
-        m(torch.randn(1, c1, 4, 4)).sum().backward()  # batch 1 training, 2x2 output maps at s=2
+# --- imgsz 32 and batch 1 for every model YAML --------------------------------------------------------------
 
 
 BN_ONE_VALUE = "Expected more than 1 value per channel when training"
@@ -234,8 +205,8 @@ def _batch1_train_error(model, imgsz):
 @pytest.fixture(scope="module")
 def stock_batch1_errors():
     return {
-        family: str(_batch1_train_error(DetectionModel(f"{family}n.yaml", verbose=False), 32))
-        for family in ("yolov8", "yolo11")
+        f: str(_batch1_train_error(DetectionModel(f"{f}n.yaml", verbose=False), 32))
+        for f in sorted({family(p) for p in MODEL_YAMLS})
     }
 
 
@@ -244,19 +215,17 @@ def test_imgsz32_and_batch1_like_stock(path, stock_batch1_errors):
     """imgsz 32 (1x1 maps at P5) works in eval and training (batch 2). Training with one image at imgsz 32 fails in
     stock YOLO too (BatchNorm over one value per channel); ours fails the same way or works, never worse. From
     imgsz 64 on, a training batch of one works."""
-    family = path.stem.split("-")[0]
-    model = DetectionModel(str(path.with_name(path.name.replace(family, family + "n", 1))), verbose=False)
+    model = DetectionModel(scaled(path), verbose=False)
     model.eval()
     with torch.no_grad():
         for b in (1, 2):
             y = model(torch.rand(b, 3, 32, 32))[0]
             assert y.shape == (b, 84, 16 + 4 + 1) and torch.isfinite(y).all()
     model.train()
-    feats = model(torch.rand(2, 3, 32, 32))
-    feats = feats["feats"] if isinstance(feats, dict) else feats
+    feats = train_feats(model(torch.rand(2, 3, 32, 32)))
     assert [f.shape[-1] for f in feats] == [4, 2, 1]
     error = _batch1_train_error(model, 32)
-    stock = stock_batch1_errors[family]
+    stock = stock_batch1_errors[family(path)]
     assert stock.startswith(BN_ONE_VALUE), stock  # what stock YOLO does: if it ever works, so must ours
     assert error is None or (isinstance(error, ValueError) and str(error).startswith(BN_ONE_VALUE)), (error, stock)
     assert _batch1_train_error(model, 64) is None

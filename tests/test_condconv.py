@@ -1,5 +1,5 @@
 """CondConv: shapes vs Ultralytics Conv, the per-sample reference loop, batch independence, gradients, autocast,
-tracing at another batch size, BN folding, ONNX with a dynamic batch, argument checks."""
+tracing at another batch size, BN folding, ONNX with a dynamic batch, warm start from a stock Conv, argument checks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from ultralytics.nn.modules.conv import Conv
 
-from module_checks import bf16_forward, bf16_training_grads_finite, onnx_outputs
+from module_checks import bf16_forward, bf16_training_grads_finite, onnx_outputs, rel_err
 from ref_condconv import CondConvLoop
+from yolo_convplug import ConversionError
 from yolo_convplug.modules.condconv import CondConv
 
 YOLO_GRID = [(16, 32, 3, 2), (32, 32, 3, 1), (64, 64, 3, 1), (64, 128, 3, 2), (128, 128, 3, 1), (256, 256, 1, 1)]
@@ -191,3 +192,74 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     args = {"c1": 16, "c2": 32, "k": 3, "s": 1, **kwargs}
     with pytest.raises(ValueError, match=rf"CondConv: {match}="):
         CondConv(**args)
+
+
+def random_conv(c1, c2, k=3, s=1, p=None, g=1, d=1) -> Conv:
+    """A stock Ultralytics Conv with random weights and non-trivial BN statistics, in eval."""
+    conv = Conv(c1, c2, k, s, p, g, d)
+    with torch.no_grad():
+        conv.conv.weight.normal_(0, 0.2)
+    randomize_bn(conv)
+    return conv.eval()
+
+
+@pytest.mark.parametrize("c1, c2, k, s, p, g, d", VARIANTS)
+@pytest.mark.parametrize("experts", [2, 3, 8])
+def test_converts_exactly_from_conv_without_noise(c1, c2, k, s, p, g, d, experts):
+    """Experts = W, routing weight 0 and bias logit(1/E): every routing weight is 1/E, the output is the Conv's."""
+    torch.manual_seed(0)
+    conv = random_conv(c1, c2, k, s, p, g, d)
+    m = CondConv(c1, c2, k, s, p, g, d, experts=experts)
+    randomize_bn(m)  # every tensor is set, whatever it held
+    assert m.convert_from(conv, noise=0) == f"{experts} experts = W"
+    m.eval()
+    x = torch.randn(3, c1, 12, 12)
+    with torch.no_grad():
+        assert rel_err(m(x), conv(x)) < 1e-5
+        r = m.routing_weights(x)
+    torch.testing.assert_close(r, torch.full_like(r, 1 / experts), rtol=1e-6, atol=0)
+
+
+def test_default_noise_keeps_the_output_and_separates_the_experts():
+    torch.manual_seed(0)
+    conv = random_conv(32, 64, 3, 2)
+    m = CondConv(32, 64, 3, 2)
+    assert m.convert_from(conv) == "8 experts = W + 1% noise"
+    x = torch.randn(4, 32, 12, 12)
+    with torch.no_grad():
+        assert rel_err(m.eval()(x), conv(x)) < 0.05
+    w = conv.conv.weight.flatten()
+    deviation = (m.weight - w).std(1) / w.std()  # each expert's noise, relative to the kernel's std
+    torch.testing.assert_close(deviation, torch.full_like(deviation, 0.01), rtol=0.1, atol=0)
+
+
+@pytest.mark.parametrize(
+    "stock, match",
+    [
+        (Conv(16, 64, 3, 2), "c2: Conv has 64, CondConv has 32"),
+        (Conv(8, 32, 3, 2), "c1: Conv has 8"),
+        (Conv(16, 32, 1, 2), r"k: Conv has \(1, 1\)"),
+        (Conv(16, 32, 3, 1), r"s: Conv has \(1, 1\)"),
+        (Conv(16, 32, 3, 2, g=2), "g: Conv has 2"),
+        (Conv(16, 32, 3, 2, p=1, d=2), r"d: Conv has \(2, 2\)"),
+        (Conv(16, 32, 3, 2, p=0), r"p: Conv has \(0, 0\)"),
+        (Conv(16, 32, 3, 2, act=False), "activation: Identity"),
+    ],
+)
+def test_conversion_refuses_another_layer_and_leaves_the_module_untouched(stock, match):
+    m = CondConv(16, 32, 3, 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConversionError, match=match):
+        m.convert_from(stock)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_conversion_refuses_one_expert_and_a_fused_conv():
+    with pytest.raises(ConversionError, match="experts=1"):
+        CondConv(16, 32, 3, 2, experts=1).convert_from(Conv(16, 32, 3, 2))
+    fused = Conv(16, 32, 3, 2)
+    del fused.bn
+    with pytest.raises(ConversionError, match="fused"):
+        CondConv(16, 32, 3, 2).convert_from(fused)
+    with pytest.raises(ValueError, match=r"CondConv: noise=-1"):
+        CondConv(16, 32, 3, 2).convert_from(Conv(16, 32, 3, 2), noise=-1)

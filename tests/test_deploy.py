@@ -1,4 +1,6 @@
-"""Deployment of every model YAML: ``model.fuse()`` exactness, ONNX (onnxruntime) and TorchScript parity, bf16.
+"""Deployment of whole models: ``model.fuse()`` exactness and bf16 for every model YAML, ONNX (onnxruntime) and
+TorchScript parity through Ultralytics' exporter for every YOLOv8 variant and one YAML of each other family.
+Every registered module is checked on its own (fuse, ONNX, TorchScript, autocast) in tests/test_contract.py.
 
 Models are built at scale n and imgsz 64; their BatchNorms get random statistics and affine parameters, the class
 logits a spread around 0 and zero-initialised parameters (SAConv2d's context convs and switch, ...) small random
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import MODEL_YAMLS, run_cli
+from conftest import MODEL_YAMLS, family, run_cli, scaled, train_feats
+from module_checks import randomize_
 from ultralytics import YOLO
 from ultralytics.nn.modules import Detect
 from ultralytics.nn.tasks import DetectionModel
@@ -25,8 +28,14 @@ from yolo_convplug.registry import registered
 
 IMGSZ = 64
 PLUGINS = tuple(e.cls for e in registered().values())
-YOLOV8 = [p for p in MODEL_YAMLS if p.stem.startswith("yolov8")]
-EXPORTED = YOLOV8 + [p for p in MODEL_YAMLS if p.stem == "yolo11-c2f-faster"]  # one YOLO11: its head and C2PSA
+YOLOV8 = [p for p in MODEL_YAMLS if family(p) == "yolov8"]
+# Ultralytics' exporter on every YOLOv8 variant; for each other family (its own head, C2PSA, ...) one YAML,
+# the C2f_Faster one where there is one (a C2f subclass, which the exporter treats specially)
+OTHER_FAMILIES = sorted({family(p) for p in MODEL_YAMLS} - {"yolov8"})
+EXPORTED = YOLOV8 + [
+    min((p for p in MODEL_YAMLS if family(p) == f), key=lambda p: (not p.stem.endswith("c2f-faster"), p.stem))
+    for f in OTHER_FAMILIES
+]
 CLI_EXPORTED = [p for p in YOLOV8 if p.stem.endswith(("condconv", "c2f-faster"))]  # per-sample kernels, C2f subclass
 
 
@@ -35,32 +44,17 @@ CLI_EXPORTED = [p for p in YOLOV8 if p.stem.endswith(("condconv", "c2f-faster"))
 KEEPS_BN = {"ScConv": 1}
 
 
-def scaled(path, scale: str = "n") -> str:
-    """``model_yamls/yolov8-saconv.yaml`` -> ``.../yolov8n-saconv.yaml`` (Ultralytics' scale-by-name rule)."""
-    family = path.stem.split("-")[0]
-    return str(path.with_name(path.name.replace(family, family + scale, 1)))
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN non-trivial statistics, the class logits a spread, every all-zero parameter small values."""
-    g = torch.Generator().manual_seed(seed)
-
-    def uniform(t, lo, hi):
-        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            uniform(m.running_mean, -0.2, 0.2)
-            uniform(m.running_var, 0.5, 2.0)
-            uniform(m.weight, 0.5, 1.5)
-            uniform(m.bias, -0.2, 0.2)
-        if isinstance(m, Detect):  # class logits around 0 instead of the -9 prior: scores in (0.1, 0.9), not ~1e-4
-            for branch in m.cv3:
-                uniform(branch[-1].bias, -2.0, 2.0)
-    for p in model.parameters():
-        if p.is_floating_point() and not p.any():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+def randomize_model_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``module_checks.randomize_`` plus class logits with a spread around 0 instead of the -9 prior (scores in
+    (0.1, 0.9), not ~1e-4)."""
+    randomize_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Detect):
+                for branch in m.cv3:
+                    bias = branch[-1].bias
+                    bias.copy_(torch.rand(bias.shape, generator=g) * 4.0 - 2.0)
     return model
 
 
@@ -85,7 +79,7 @@ def plugin_bn_counts(model: DetectionModel) -> dict[str, int]:
 
 
 def build(path, seed: int = 0) -> DetectionModel:
-    return randomize_(DetectionModel(scaled(path), ch=3, nc=80, verbose=False), seed).eval()
+    return randomize_model_(DetectionModel(scaled(path), ch=3, nc=80, verbose=False), seed).eval()
 
 
 def inputs(*batch_sizes: int, h: int = IMGSZ, w: int = IMGSZ) -> list[torch.Tensor]:
@@ -140,7 +134,7 @@ def save_best_pt(path, file) -> None:
     model (pickled, our classes included) with the metadata keys (``YOLO.save`` cannot: 8.3.0 fails on YAML models)."""
     from ultralytics import __version__
 
-    model = randomize_(DetectionModel(scaled(path), ch=3, nc=80, verbose=False))
+    model = randomize_model_(DetectionModel(scaled(path), ch=3, nc=80, verbose=False))
     ckpt = {"epoch": -1, "best_fitness": None, "model": copy.deepcopy(model).half(), "ema": None, "updates": None}
     torch.save({**ckpt, "optimizer": None, "train_args": {"imgsz": IMGSZ}, "version": __version__}, file)
 
@@ -187,7 +181,7 @@ def test_channels_last_predict_then_export(path, tmp_path, monkeypatch):
     exporter fuses a copy again. Outputs must match the contiguous model's."""
     monkeypatch.chdir(tmp_path)
     yolo = YOLO(scaled(path))
-    randomize_(yolo.model).eval()
+    randomize_model_(yolo.model).eval()
     (x,) = inputs(2)
     with torch.no_grad():
         ref = yolo.model(x)[0]
@@ -242,8 +236,7 @@ def test_bf16_autocast_forward_train_and_eval(path):
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         preds = model(x)
-    feats = preds["feats"] if isinstance(preds, dict) else preds
-    loss = sum(f.float().square().mean() for f in feats)
+    loss = sum(f.float().square().mean() for f in train_feats(preds))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

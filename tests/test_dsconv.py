@@ -1,10 +1,13 @@
-"""DSConv2d: quantisation, the kernel the conv uses, eval cache, STE, fuse, shapes, modes, tracing, ONNX, errors."""
+"""DSConv2d: block quantisation against the naive reference, the kernel the conv uses, STE and shift training modes,
+eval cache, fuse, size, warm start from a stock Conv, DSConv-specific arguments. Generic checks (shape, gradients,
+ONNX, trace, autocast, generic bad arguments) live in test_contract.py."""
 
 from __future__ import annotations
 
 import copy
-import io
 import pickle
+import re
+import warnings
 
 import pytest
 import torch
@@ -12,14 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import Conv
 
-from module_checks import bf16_forward, bf16_training_grads_finite, onnx_outputs, rel_err
-from ref_dsconv import DSConvNaive
-from yolo_convplug.modules.dsconv import DSConv2d
-
-GRID = [(16, 32, 3, 2), (32, 32, 3, 1), (64, 128, 3, 2), (40, 24, 3, 1), (256, 256, 1, 1), (8, 16, 5, 1)]
-
-
-
+from module_checks import onnx_outputs, rel_err
+from ref_dsconv import DSConvNaive, quantize_blocks
+from yolo_convplug.modules._utils import fuse_convs
+from yolo_convplug.modules.dsconv import MODES, DSConv2d
+from yolo_convplug.registry import ConversionError
 
 def trained_like(m, seed=0):
     """``m`` with random BN statistics and (when present) random KDS bias / CDS."""
@@ -48,20 +48,11 @@ def blocks_of(m, t):
     return torch.split(t, m.block_size, dim=1)
 
 
-@pytest.mark.parametrize("c1,c2,k,s", GRID)
-def test_output_shape_matches_ultralytics_conv(c1, c2, k, s):
-    m, base = DSConv2d(c1, c2, k, s), Conv(c1, c2, k, s)
-    for hw in (1, 2, 7, 12):
-        x = torch.randn(2, c1, hw, hw + 1)
-        for mode in (True, False):
-            m.train(mode)
-            assert m(x).shape == base(x).shape
-
-
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("c1,g,block_size", [(40, 1, 32), (64, 1, 16), (48, 2, 7), (16, 1, 1)])
-def test_integer_kernel_levels_and_range(bits, c1, g, block_size):
-    m = DSConv2d(c1, 16, 3, g=g, bits=bits, block_size=block_size)
+def test_integer_kernel_levels_and_range(bits, c1, g, block_size, mode):
+    m = DSConv2d(c1, 16, 3, g=g, bits=bits, block_size=block_size, mode=mode)
     vqk, scale = m.integer_kernel()
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     assert vqk.dtype == torch.int8 and vqk.shape == m.conv.weight.shape
@@ -110,7 +101,10 @@ def test_least_squares_scale_beats_the_max_abs_step():
     assert err <= err_step
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"kds_bias": True}, {"cds": True}, {"g": 2, "block_size": 5}, {"d": 2}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"kds_bias": True}, {"cds": True}, {"g": 2, "block_size": 5}, {"d": 2}, {"mode": "shift", "cds": True}],
+)
 def test_the_conv_uses_the_dequantised_kernel(kwargs):
     """The seed's bug was a forward that ignored its quantisation: here the output must be conv(x, W_q)."""
     m = trained_like(DSConv2d(24, 16, 3, bits=2, **kwargs))
@@ -158,8 +152,9 @@ def test_straight_through_gradient_reaches_the_shadow_weights():
     assert rel_err(m.conv.weight.grad, w_q.grad) < 1e-5
 
 
-def test_eval_kernel_is_cached_and_refreshed_when_weights_change():
-    m = trained_like(DSConv2d(16, 8, 3)).eval()
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_kernel_is_cached_and_refreshed_when_weights_change(mode):
+    m = trained_like(DSConv2d(16, 8, 3, mode=mode)).eval()
     x = torch.randn(1, 16, 6, 6)
     calls = []
     build = m._kernel
@@ -182,11 +177,11 @@ def test_eval_kernel_is_cached_and_refreshed_when_weights_change():
     # an in-place edit, a state-dict load, train()/eval() and a dtype move also invalidate
     def edit():
         with torch.no_grad():
-            m.conv.weight.mul_(2)
+            (m.kds_scale if mode == "shift" else m.conv.weight).mul_(2)  # what the kernel is computed from
 
     for change in (
         edit,
-        lambda: m.load_state_dict(trained_like(DSConv2d(16, 8, 3), seed=1).state_dict()),
+        lambda: m.load_state_dict(trained_like(DSConv2d(16, 8, 3, mode=mode), seed=1).state_dict()),
         lambda: m.train().eval(),
         lambda: m.double(),
     ):
@@ -198,11 +193,13 @@ def test_eval_kernel_is_cached_and_refreshed_when_weights_change():
         assert m._eval_kernel().dtype == m.conv.weight.dtype
 
 
-def test_eval_with_autograd_still_trains_through_ste():
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_with_autograd_still_trains(mode):
     """Eval mode with gradients on (e.g. a frozen-BN fine-tune) must not use the detached cache."""
-    m = DSConv2d(8, 8, 3).eval()
+    m = DSConv2d(8, 8, 3, mode=mode).eval()
     m(torch.randn(1, 8, 5, 5)).sum().backward()
-    assert m.conv.weight.grad is not None and m._cache is None
+    trained = m.kds_scale if mode == "shift" else m.conv.weight
+    assert trained.grad is not None and m._cache is None
 
 
 def test_checkpoints_do_not_carry_the_cache():
@@ -222,8 +219,8 @@ def test_size_ratio():
     assert DSConv2d(256, 256, 3, bits=2, block_size=64).size_ratio() < 0.1
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"kds_bias": True, "cds": True}])
-def test_fuse_is_exact(kwargs):
+@pytest.mark.parametrize("kwargs", [{}, {"kds_bias": True, "cds": True}, {"mode": "shift", "kds_bias": True}])
+def test_fuse_is_exact_and_keeps_the_integer_kernel(kwargs):
     m = trained_like(DSConv2d(24, 16, 3, 2, **kwargs)).eval()
     x = torch.randn(2, 24, 9, 9)
     y = m(x)
@@ -231,51 +228,6 @@ def test_fuse_is_exact(kwargs):
     assert m.fuse() is m and not hasattr(m, "bn")
     assert rel_err(m(x), y) < 1e-5
     assert all(torch.equal(a, b) for a, b in zip(before, m.integer_kernel()))  # still the pre-fuse quantisation
-
-
-def test_train_and_eval_modes():
-    m = trained_like(DSConv2d(8, 16, 3, 2))
-    x = torch.randn(4, 8, 10, 10)
-    before = m.bn.running_mean.clone()
-    y_train = m.train()(x)
-    assert not torch.equal(before, m.bn.running_mean)
-    m.eval()
-    y1, y2 = m(x), m(x)
-    assert torch.equal(y1, y2) and not torch.allclose(y_train, y1)
-    x0 = x.clone()
-    m(x)
-    assert torch.equal(x, x0)
-
-
-def test_bf16_autocast():
-    m = trained_like(DSConv2d(16, 32, 3, 2, kds_bias=True, cds=True))
-    x = torch.randn(2, 16, 12, 12)
-    for mode in (True, False):
-        y, ref = bf16_forward(m.train(mode), x)
-        assert y.shape == ref.shape and torch.isfinite(y).all() and rel_err(y.float(), ref) < 0.1
-    assert bf16_training_grads_finite(m, x)
-
-
-@pytest.mark.parametrize("fuse", [False, True])
-def test_jit_trace(fuse):
-    m = trained_like(DSConv2d(16, 16, 3, 2, kds_bias=True)).eval()
-    if fuse:
-        m.fuse()
-    x, x2 = torch.randn(2, 16, 10, 10), torch.randn(3, 16, 6, 6)
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            traced = torch.jit.trace(m, x)
-        assert rel_err(traced(x2), m(x2)) < 1e-6
-        torch.jit.save(traced, io.BytesIO())
-
-
-@pytest.mark.parametrize("fuse", [False, True])
-def test_onnx_parity(fuse):
-    m = trained_like(DSConv2d(16, 24, 3, 2, kds_bias=True, cds=True)).eval()
-    if fuse:
-        m.fuse()
-    for y, expected in onnx_outputs(m, torch.randn(1, 16, 12, 12)):
-        assert rel_err(y, expected) < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -288,11 +240,7 @@ def test_onnx_parity(fuse):
         (dict(block_size=0), "block_size=0"),
         (dict(block_size=-4), "block_size=-4"),
         (dict(block_size="32"), "block_size='32'"),
-        (dict(g=3), "g=3"),
-        (dict(c1="16"), "c1='16'"),
-        (dict(k=0), "k=0"),
-        (dict(p=-1), "p=-1"),
-        (dict(act="silu"), "act='silu'"),
+        (dict(mode="frozen"), "mode='frozen'"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -302,8 +250,158 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 
 def test_yaml_style_positional_call():
-    """A YAML row ``[-1, 1, DSConv2d, [64, 3, 2, None, 1, 1, True, 2]]`` passes bits positionally after act."""
+    """YAML rows pass arguments positionally: bits and block_size after act, mode after kds_bias and cds."""
     m = DSConv2d(32, 64, 3, 2, None, 1, 1, True, 2, 16)
-    assert m.bits == 2 and m.block_size == 16
+    assert m.bits == 2 and m.block_size == 16 and m.mode == "ste"
     assert m(torch.randn(1, 32, 16, 16)).shape == (1, 64, 8, 8)
+    assert DSConv2d(32, 64, 3, 2, None, 1, 1, True, 4, 32, False, False, "shift").mode == "shift"
     assert isinstance(DSConv2d(8, 8, 3, act=nn.ReLU()).act, nn.ReLU)
+
+
+def expand_blocks(t, block_size, width):
+    """(c2, n_blocks, k, k) -> (c2, width, k, k): each block's value repeated over its input channels."""
+    return t.repeat_interleave(block_size, 1)[:, :width]
+
+
+def test_shift_mode_trains_only_the_distribution_shifts():
+    """The paper's adaptation mode: the integer kernel (VQK) is frozen, the KDS scales (and KDS bias, CDS) train."""
+    torch.manual_seed(0)
+    m = trained_like(DSConv2d(40, 16, 3, kds_bias=True, cds=True, mode="shift"))
+    params = dict(m.named_parameters())
+    assert "conv.weight" not in params  # a buffer: Ultralytics' trainer re-enables requires_grad on parameters
+    assert {"kds_scale", "kds_bias", "cds_weight", "cds_bias"} <= params.keys()
+    q, alpha = quantize_blocks(m.conv.weight, 4, 32)  # VQK and scales start as the float kernel's quantisation
+    assert m.vqk.dtype == torch.int8 and torch.equal(m.vqk, q.to(torch.int8))
+    torch.testing.assert_close(m.kds_scale.detach(), alpha)
+    vqk, weight, scale = m.vqk.clone(), m.conv.weight.clone(), m.kds_scale.detach().clone()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=1e-3)
+    x = torch.randn(4, 40, 9, 9)
+    m.train()(x).backward(torch.randn(4, 16, 9, 9))
+    opt.step()
+    assert torch.equal(m.vqk, vqk) and torch.equal(m.conv.weight, weight)
+    assert not torch.equal(m.kds_scale, scale)
+    kernel = expand_blocks(m.kds_scale, 32, 40) * m.vqk.float() + expand_blocks(m.kds_bias, 32, 40)
+    kernel = kernel * m.cds_weight.view(-1, 1, 1, 1)
+    for mode in (True, False):
+        m.train(mode)
+        assert rel_err(m(x), conv_with(m, kernel, x)) < 1e-6
+    vqk_out, scale_out, bias_out = m.integer_kernel()
+    assert torch.equal(vqk_out, vqk) and torch.equal(scale_out, m.kds_scale) and torch.equal(bias_out, m.kds_bias)
+    assert m.size_ratio() == DSConv2d(40, 16, 3, kds_bias=True, cds=True).size_ratio()
+
+
+def test_switching_modes_keeps_the_kernel():
+    torch.manual_seed(0)
+    m = trained_like(DSConv2d(40, 16, 3, 2, kds_bias=True, cds=True)).eval()
+    x = torch.randn(2, 40, 9, 9)
+    y, kernel = m(x), m.dequantized_weight()
+    assert m.set_mode("shift") is m and m.mode == "shift"
+    assert rel_err(m(x), y) < 1e-6
+    with torch.no_grad():
+        m.kds_scale.mul_(1.5)  # a trained scale: switching back keeps what shift mode computes
+    y_shift, (vqk, scale, _) = m(x), m.integer_kernel()
+    m.set_mode("ste")
+    assert "conv.weight" in dict(m.named_parameters()) and not hasattr(m, "vqk")
+    assert rel_err(m(x), y_shift) < 1e-5
+    vqk_ste, scale_ste, _ = m.integer_kernel()  # the shadow weight alpha * q quantises back to q and alpha
+    assert torch.equal(vqk_ste, vqk) and torch.allclose(scale_ste, scale, rtol=1e-6, atol=0)
+    m.set_mode("ste")  # same mode: nothing changes
+    assert not torch.equal(m.dequantized_weight(), kernel)
+
+
+def test_shift_mode_checkpoints_round_trip():
+    m = trained_like(DSConv2d(24, 16, 3, mode="shift", kds_bias=True))
+    with torch.no_grad():
+        m.kds_scale.mul_(0.9)
+    x = torch.randn(2, 24, 7, 7)
+    y = m.eval()(x)
+    fresh = DSConv2d(24, 16, 3, mode="shift", kds_bias=True)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.eval()(x), y)
+    restored = pickle.loads(pickle.dumps(m))
+    assert restored.mode == "shift" and torch.equal(restored(x), y)
+    with pytest.raises(RuntimeError, match="vqk"):  # an STE layer has no frozen VQK to take
+        DSConv2d(24, 16, 3, kds_bias=True).load_state_dict(m.state_dict())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trace_reads_the_weights_not_the_eval_cache(mode):
+    """A trace taken while the eval cache is warm must record the kernel's ops, not the cached kernel as a constant."""
+    m = trained_like(DSConv2d(16, 16, 3, 2, mode=mode)).eval()
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m(x)
+        traced = torch.jit.trace(m, x)
+        (m.kds_scale if mode == "shift" else m.conv.weight).mul_(-0.5)
+        assert rel_err(traced(x), m(x)) < 1e-6
+
+
+def test_shift_mode_onnx_parity():
+    """The frozen int8 VQK is cast and scaled inside the exported graph."""
+    m = trained_like(DSConv2d(16, 24, 3, 2, kds_bias=True, cds=True, mode="shift")).eval()
+    for y, expected in onnx_outputs(m, torch.randn(1, 16, 12, 12)):
+        assert rel_err(y, expected) < 1e-4
+
+
+def stock_conv(c1=24, c2=32, k=3, s=2, seed=0, **kwargs):
+    """An Ultralytics Conv with a random kernel and non-trivial BN affine and statistics, in eval."""
+    torch.manual_seed(seed)
+    conv = Conv(c1, c2, k, s, **kwargs)
+    with torch.no_grad():
+        conv.bn.weight.uniform_(0.5, 1.5)
+        conv.bn.bias.normal_(0, 0.2)
+        conv.bn.running_mean.normal_(0, 0.5)
+        conv.bn.running_var.uniform_(0.5, 2.0)
+    return conv.eval()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_convert_from_stock_conv(mode, bits):
+    """The converted layer is the stock Conv with its kernel quantised: exactly the stock BN over conv(x, W_q), and
+    within the reported kernel error of the stock output. For white-noise input E|conv(x, D)|^2 / E|conv(x, W)|^2 =
+    |D|^2 / |W|^2, so the conv's relative error is about the kernel's (1.5x slack); BN scales each channel by at most
+    max|gamma / sigma| and SiLU's slope is at most 1.1."""
+    stock = stock_conv()
+    m = trained_like(DSConv2d(24, 32, 3, 2, bits=bits, kds_bias=True, cds=True, mode=mode), seed=3)
+    message = m.convert_from(stock)
+    match = re.fullmatch(rf"{bits}-bit, kernel error (\d\.\d{{3}})", message)
+    assert match, message
+    w, w_q = stock.conv.weight.detach(), m.dequantized_weight()
+    error = ((w_q - w).norm() / w.norm()).item()
+    assert abs(float(match[1]) - error) <= 5e-4
+    q, alpha = quantize_blocks(w, bits, 32)
+    assert torch.allclose(w_q, expand_blocks(alpha, 32, 24) * q, rtol=1e-6, atol=0)  # KDS bias 0, CDS identity
+    if mode == "shift":
+        assert torch.equal(m.vqk, q.to(torch.int8))
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(m.bn, name), getattr(stock.bn, name)), name
+    x = torch.randn(4, 24, 16, 16)
+    with torch.no_grad():
+        y = m.eval()(x)
+        assert rel_err(y, stock.act(stock.bn(F.conv2d(x, w_q, None, 2, 1)))) < 1e-6
+        conv_error = F.conv2d(x, w_q - w, None, 2, 1).norm()
+        conv_norm = F.conv2d(x, w, None, 2, 1).norm()
+        assert conv_error <= 1.5 * error * conv_norm
+        bn_scale = (stock.bn.weight / (stock.bn.running_var + stock.bn.eps).sqrt()).abs().max()
+        assert (y - stock(x)).norm() <= 1.1 * bn_scale * 1.5 * error * conv_norm
+
+
+@pytest.mark.parametrize(
+    "stock,match",
+    [
+        (lambda: stock_conv(k=5), "weight.shape"),
+        (lambda: stock_conv(c1=16), "weight.shape"),
+        (lambda: stock_conv(s=1), "stride"),
+        (lambda: stock_conv(p=0), "padding"),
+        (lambda: stock_conv(p=1, d=2), "dilation"),
+        (lambda: fuse_convs(stock_conv()), "fused"),
+    ],
+)
+def test_convert_from_mismatch_raises(stock, match):
+    m = DSConv2d(24, 32, 3, 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConversionError, match=match):
+        m.convert_from(stock())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

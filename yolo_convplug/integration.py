@@ -25,6 +25,7 @@ import types
 
 from .model_yaml import ModelYamlError, row_error, rows
 from .registry import classes_with_role, registered, yaml_parameters
+from .resolve import patch_yaml_lookup
 from .warm_start import patch_load
 
 SUPPORTED_RANGE = ">=8.3.0,<8.5"
@@ -325,6 +326,7 @@ def patch_tasks(tasks: types.ModuleType | None = None) -> None:
     setattr(tasks, _HELPER, lambda *roles: frozenset().union(*(classes_with_role(r) for r in roles)))
     _patch_fuse(tasks)
     patch_load(tasks)
+    patch_yaml_lookup(tasks)
     try:
         patched = _patched_parse_model(tasks)
     except UnsupportedUltralyticsError as e:

@@ -5,21 +5,25 @@
 so the state-dict keys (``model.<i>.*``) of untouched layers still match and ``pretrained=`` weight transfer keeps
 working for them. A swapped row's arguments are carried over by parameter name (``Conv [64]`` with its default k=1
 becomes ``SAConv2d [64, 1]``, ``C3k2 [256, False, 0.25]`` becomes ``C2f_Faster [256, True, 1, 0.25]``), which is
-sound only inside a module *role*:
+sound only inside a module *role* (Ultralytics' own roles are read from its parser,
+:func:`yolo_convplug.integration.ultralytics_roles`):
 
 - ``conv``: ``[c2, k, s, ...]`` rows (Ultralytics ``Conv``, ``DWConv``, ``GhostConv``; our ``SAConv2d`` ...);
 - ``repeat``: C2f-like rows whose repeat count the parser inserts (``C2f``, ``C3``, ``C3k2``; our ``C2f_Faster``);
 - ``keep``: modules whose output width equals their input width (registered by plug-ins with that role).
 
 A cross-role swap (``C2f=SAConv2d``) is refused with the layer it would break; every other swap is verified by
-building the model with Ultralytics (and running one forward pass) and a failure names the layer, module and reason.
+building the model as Ultralytics does (its model class for the head: ``WorldModel`` for YOLO-World, ...), running
+the model's own forward and comparing every layer's output shape with the source model's; a failure names the layer.
 YOLO11-style heads: Ultralytics switches the Detect head to ``legacy=False`` when C3k2/A2C2f/C2fCIB is present, so a
 swap that removes all of them writes the top-level key ``legacy: false`` to keep the head unchanged.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
 import inspect
 import re
 from pathlib import Path
@@ -27,52 +31,46 @@ from pathlib import Path
 import torch
 import yaml
 
-from yolo_convplug.registry import registered, yaml_parameters
+from .integration import ultralytics_roles
+from .model_yaml import ModelYamlError, row_error, rows
+from .plugins import load_user_modules
+from .registry import registered, yaml_parameters
 
 SCOPES = ("all", "backbone", "head", "strided")
-ULTRALYTICS_ROLES = {
-    **dict.fromkeys(("Conv", "DWConv", "GhostConv"), "conv"),
-    **dict.fromkeys(
-        (
-            "BottleneckCSP",
-            "C1",
-            "C2",
-            "C2f",
-            "C3k2",
-            "C2fAttn",
-            "C3",
-            "C3TR",
-            "C3Ghost",
-            "C3x",
-            "RepC3",
-            "C2fPSA",
-            "C2fCIB",
-            "C2PSA",
-            "A2C2f",
-        ),
-        "repeat",
-    ),  # fmt: skip  (the repeat_modules of Ultralytics' parse_model)
+# Heads that Ultralytics builds with a model class of their own (it picks them by file name: "-world", "yoloe", ...)
+HEAD_MODELS = {
+    "WorldDetect": "WorldModel",
+    "YOLOEDetect": "YOLOEModel",
+    "YOLOESegment": "YOLOESegModel",
+    "YOLOESegment26": "YOLOESegModel",
+    "RTDETRDecoder": "RTDETRDetectionModel",
 }
-NON_LEGACY = frozenset({"C3k2", "A2C2f", "C2fCIB"})  # presence makes Ultralytics build the non-legacy Detect head
+TASK_MODELS = {
+    "classify": "ClassificationModel",
+    "segment": "SegmentationModel",
+    "pose": "PoseModel",
+    "obb": "OBBModel",
+    "semantic": "SemanticSegmentationModel",
+    "depth": "DepthModel",
+}
+VERIFY_SIZE = 256  # the input of Ultralytics' own stride pass (DetectionModel), used where a model has none
 
 
-class SwapError(ValueError):
+class SwapError(ModelYamlError):
     """A swap that cannot build; the message names the layer index, the module and why."""
 
 
 def _catalogue() -> dict[str, tuple[type | None, str]]:
-    """Module name -> (class, role) for Ultralytics' own role-known modules and every registered plug-in."""
+    """Module name -> (class, role) for Ultralytics' own role-known modules and every registered plug-in (users'
+    entry points and ``$YOLO_CONVPLUG_MODULES`` included: the parser has not necessarily loaded them yet)."""
     from ultralytics.nn import tasks
 
+    load_user_modules()
+
     return {
-        **{name: (getattr(tasks, name, None), role) for name, role in ULTRALYTICS_ROLES.items()},
+        **{name: (getattr(tasks, name, None), role) for name, role in ultralytics_roles().items()},
         **{name: (e.cls, e.role) for name, e in registered().items()},
     }
-
-
-def _roles() -> dict[str, str]:
-    """Module name -> role."""
-    return {name: role for name, (_, role) in _catalogue().items()}
 
 
 def _known(name: str) -> bool:
@@ -84,7 +82,29 @@ def _known(name: str) -> bool:
         return hasattr(torch.nn, name[3:])
     if name.startswith("torchvision.ops."):
         return hasattr(torchvision.ops, name[16:])
-    return name in _roles() or isinstance(getattr(tasks, name, None), type)
+    return name in registered() or isinstance(getattr(tasks, name, None), type)
+
+
+@functools.lru_cache(maxsize=None)
+def non_legacy_modules() -> frozenset[str]:
+    """The modules whose presence makes Ultralytics build the modern Detect head: those whose ``if m is X:`` branch
+    in the installed ``parse_model`` sets ``legacy = False`` (C3k2, A2C2f, C2fCIB in 8.4)."""
+    from ultralytics.nn import tasks
+
+    parse_model = inspect.unwrap(tasks.parse_model)
+    out = set()
+    for node in ast.walk(ast.parse(inspect.getsource(parse_model).lstrip())):
+        test = getattr(node, "test", None)
+        if not (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.ops[0], ast.Is)):
+            continue
+        sets_false = any(
+            isinstance(s, ast.Assign) and getattr(s.targets[0], "id", None) == "legacy" and s.value.value is False
+            for s in node.body
+            if isinstance(getattr(s, "value", None), ast.Constant)
+        )
+        if sets_false and isinstance(test.comparators[0], ast.Name):
+            out.add(test.comparators[0].id)
+    return frozenset(out)
 
 
 def _yaml_params(cls: type, role: str) -> list[inspect.Parameter] | None:
@@ -118,7 +138,7 @@ def rewrite_args(i: int, row: list, new: str, catalogue: dict) -> tuple[list, li
         elif p.default is not p.empty:
             out.append(p.default)
         else:
-            raise SwapError(f"layer {i} ({row[2]} {row[3]}): {new} needs argument {p.name!r}, which {row[2]} rows lack")
+            raise row_error(i, row, f"{new} needs argument {p.name!r}, which {row[2]} rows lack", SwapError)
     while (
         out and dst[len(out) - 1].default is not dst[len(out) - 1].empty and _same(out[-1], dst[len(out) - 1].default)
     ):
@@ -126,9 +146,12 @@ def rewrite_args(i: int, row: list, new: str, catalogue: dict) -> tuple[list, li
     names = {p.name for p in dst}
     dropped = [f"{k}={v!r}" for k, v in given.items() if k not in names]
     if "s" in given and "s" not in names and str(given["s"]) != "1":
-        raise SwapError(
-            f"layer {i} ({row[2]} {row[3]}): {new} has no stride argument, so stride {given['s']} would be lost "
-            "and the feature-map sizes would change; swap only stride-1 rows (e.g. a scope of layer indices)"
+        raise row_error(
+            i,
+            row,
+            f"{new} has no stride argument, so stride {given['s']} would be lost and the feature-map sizes would "
+            "change; swap only stride-1 rows (e.g. a scope of layer indices)",
+            SwapError,
         )
     return out, dropped
 
@@ -138,9 +161,10 @@ def _same(a, b) -> bool:
 
 
 def load_model_yaml(source: str | Path | dict) -> tuple[dict, str]:
-    """Load a model YAML (a file, an Ultralytics built-in such as ``yolo11n.yaml``, or a dict); return (dict, scale).
+    """Load a model YAML (a file, an Ultralytics built-in such as ``yolo11n.yaml``, a shipped name such as
+    ``yolov8n-saconv.yaml``, or a dict); return (dict, scale).
 
-    Files and built-in names are located with Ultralytics' own ``yaml_model_load``, including its scale rule
+    Files and names are located with Ultralytics' own ``yaml_model_load``, including its scale rule
     (``yolov8n.yaml`` reads ``yolov8.yaml`` at scale ``n``). The returned dict has no ``scale``/``yaml_file`` keys.
     """
     if isinstance(source, dict):
@@ -148,7 +172,13 @@ def load_model_yaml(source: str | Path | dict) -> tuple[dict, str]:
     else:
         from ultralytics.nn.tasks import yaml_model_load
 
-        d = yaml_model_load(source)
+        try:
+            d = yaml_model_load(source)
+        except FileNotFoundError:
+            raise SwapError(
+                f"model YAML {str(source)!r} not found: no such file here, and no Ultralytics or yolo-convplug model "
+                "of that name (e.g. yolov8.yaml, yolo11n.yaml, yolo26s.yaml, yolov8n-saconv.yaml)"
+            ) from None
     scale = d.pop("scale", "") or ""
     d.pop("yaml_file", None)
     for key in ("backbone", "head"):
@@ -158,7 +188,8 @@ def load_model_yaml(source: str | Path | dict) -> tuple[dict, str]:
 
 
 def parse_rules(rules: str | list[str] | dict[str, str]) -> dict[str, str]:
-    """``"Conv=SAConv2d,C2f=C2f_Faster"`` or ``["Conv=SAConv2d"]`` or a dict -> ``{"Conv": "SAConv2d", ...}``."""
+    """``"Conv=SAConv2d,C2f=C2f_Faster"`` or ``["Conv=SAConv2d"]`` or a dict -> ``{"Conv": "SAConv2d", ...}``;
+    two different targets for one source module are refused."""
     if isinstance(rules, dict):
         return dict(rules)
     items = [r for part in ([rules] if isinstance(rules, str) else rules) for r in str(part).split(",") if r.strip()]
@@ -167,6 +198,11 @@ def parse_rules(rules: str | list[str] | dict[str, str]) -> dict[str, str]:
         old, sep, new = (s.strip() for s in item.partition("="))
         if not (sep and old and new):
             raise SwapError(f"swap rule {item!r} is not OLD=NEW, e.g. 'Conv=SAConv2d' or 'C2f=C2f_Faster'")
+        if out.get(old, new) != new:
+            raise SwapError(
+                f"two rules for {old} ({old}={out[old]} and {old}={new}): give one target per module; to put "
+                f"different modules in different layers, run one swap per scope (e.g. --scope backbone, then head)"
+            )
         out[old] = new
     if not out:
         raise SwapError("no swap rule given; pass rules such as 'Conv=SAConv2d'")
@@ -174,15 +210,17 @@ def parse_rules(rules: str | list[str] | dict[str, str]) -> dict[str, str]:
 
 
 def select_rows(d: dict, scope: str | list[int] = "all") -> list[int]:
-    """Layer indices in scope: ``all``, ``backbone``, ``head``, ``strided`` (conv-role rows with stride > 1), or
-    indices such as ``"1,3,5"``, ``"0-4,9"`` or a list of ints."""
-    rows = d["backbone"] + d["head"]
+    """Layer indices in scope: ``all``, ``backbone``, ``head``, ``strided`` (conv-role rows with a stride argument
+    > 1), or indices such as ``"1,3,5"``, ``"0-4,9"`` or a list of ints."""
+    layers = rows(d)
     nb = len(d["backbone"])
     if isinstance(scope, str) and scope in SCOPES:
         if scope == "strided":
-            roles = _roles()
-            return [i for i, r in enumerate(rows) if roles.get(r[2]) == "conv" and _stride(r) > 1]
-        return {"all": list(range(len(rows))), "backbone": list(range(nb)), "head": list(range(nb, len(rows)))}[scope]
+            catalogue = _catalogue()
+            return [i for i, r in enumerate(layers) if _stride(r, *catalogue.get(r[2], (None, None))) > 1]
+        return {"all": list(range(len(layers))), "backbone": list(range(nb)), "head": list(range(nb, len(layers)))}[
+            scope
+        ]
     if isinstance(scope, str):
         out = []
         for part in filter(None, (p.strip() for p in scope.split(","))):
@@ -192,19 +230,22 @@ def select_rows(d: dict, scope: str | list[int] = "all") -> list[int]:
             lo, hi = int(m[1]), int(m[2] or m[1])
             out.extend(range(lo, hi + 1))
         scope = out
-    bad = [i for i in scope if not 0 <= int(i) < len(rows)]
+    bad = [i for i in scope if not 0 <= int(i) < len(layers)]
     if bad or not scope:
         raise SwapError(
-            f"scope {scope!r}: layer indices must lie in 0..{len(rows) - 1} (this YAML has {len(rows)} rows)"
+            f"scope {scope!r}: layer indices must lie in 0..{len(layers) - 1} (this YAML has {len(layers)} rows)"
         )
     return sorted({int(i) for i in scope})
 
 
-def _stride(row: list) -> int:
-    """Stride of a conv-role row ``[f, n, m, [c2, k, s, ...]]`` (1 when not given)."""
-    args = row[3]
+def _stride(row: list, cls: type | None, role: str | None) -> int:
+    """The stride argument ``s`` of a conv-role row (1 when the module has none or the row leaves it out)."""
+    params = _yaml_params(cls, role) if cls is not None and role == "conv" else None
+    names = [p.name for p in params or ()]
+    if "s" not in names or len(row[3]) <= names.index("s"):
+        return 1
     try:
-        return int(args[2]) if len(args) > 2 else 1
+        return int(row[3][names.index("s")])
     except (TypeError, ValueError):
         return 1
 
@@ -220,38 +261,42 @@ def swap_dict(d: dict, rules, scope="all") -> tuple[dict, list[tuple[int, str, s
     rules, catalogue = parse_rules(rules), _catalogue()
     roles = {name: role for name, (_, role) in catalogue.items()}
     out = copy.deepcopy(d)
-    rows = out["backbone"] + out["head"]  # same row objects as in out: editing a row edits out
+    layers = rows(out)  # same row objects as in out: editing a row edits out
     for new in rules.values():
         if not _known(new):
-            plugins = ", ".join(sorted(n for n in roles if n not in ULTRALYTICS_ROLES)) or "none registered"
+            plugins = ", ".join(sorted(registered())) or "none registered"
             raise SwapError(
                 f"unknown module {new!r}: not an Ultralytics module and not a registered plug-in "
-                f"(plug-ins: {plugins}); did you 'import yolo_convplug'?"
+                f"(plug-ins: {plugins}); register your own with @yolo_convplug.register(role=...)"
             )
     changed = []
     for i in select_rows(out, scope):
-        old = rows[i][2]
+        old = layers[i][2]
         if old not in rules:
             continue
         new = rules[old]
         r_old, r_new = roles.get(old), roles.get(new)
         if r_old and r_new and r_old != r_new:
-            raise SwapError(
-                f"layer {i} ({old} {rows[i][3]}): cannot swap {old} ({r_old} role) for {new} ({r_new} role); "
-                f"the row's arguments only fit {r_old}-role modules (e.g. "
-                f"{', '.join(sorted(n for n, r in roles.items() if r == r_old)[:6])})"
+            same_role = ", ".join(sorted(n for n, r in roles.items() if r == r_old)[:6])
+            raise row_error(
+                i,
+                layers[i],
+                f"cannot swap {old} ({r_old} role) for {new} ({r_new} role); the row's arguments only fit "
+                f"{r_old}-role modules (e.g. {same_role})",
+                SwapError,
             )
-        rows[i][3], dropped = rewrite_args(i, rows[i], new, catalogue) if r_old and r_new else (rows[i][3], [])
-        rows[i][2] = new
+        layers[i][3], dropped = rewrite_args(i, layers[i], new, catalogue) if r_old and r_new else (layers[i][3], [])
+        layers[i][2] = new
         changed.append((i, old, new, dropped))
-    present = {r[2] for r in d["backbone"] + d["head"]}
+    present = {r[2] for r in rows(d)}
     absent = [old for old in rules if old not in present]
     if absent or not changed:
         raise SwapError(
             f"rule(s) {', '.join(f'{o}={rules[o]}' for o in absent or rules)} matched no layer"
             f"{'' if absent else f' in scope {scope!r}'}; modules in this YAML: {', '.join(sorted(present))}"
         )
-    if present & NON_LEGACY and not ({r[2] for r in rows} & NON_LEGACY) and "legacy" not in out:
+    non_legacy = non_legacy_modules()
+    if present & non_legacy and not ({r[2] for r in layers} & non_legacy) and "legacy" not in out:
         out["legacy"] = False  # keep the non-legacy Detect head that the source's C3k2/A2C2f/C2fCIB selected
     return out, changed
 
@@ -260,81 +305,110 @@ def _with_scale(d: dict, scale: str) -> dict:
     return {**copy.deepcopy(d), "scale": scale or next(iter(d.get("scales") or {"": 0}))}
 
 
-def _build_rows(d: dict, ch: int) -> torch.nn.Sequential:
-    """``parse_model`` on ``d``; when it fails, rebuild growing prefixes to name the first row that does not build."""
+def model_class(d: dict) -> type:
+    """The Ultralytics model class that builds ``d``: the one its head needs (``WorldModel`` for ``WorldDetect``,
+    ...), else the one for its task (``DetectionModel``, ``SegmentationModel``, ...)."""
     from ultralytics.nn import tasks
 
-    try:
-        return tasks.parse_model(copy.deepcopy(d), ch=ch, verbose=False)[0].eval()
-    except Exception as error:
-        rows = d["backbone"] + d["head"]
-        for i in range(len(rows)):
-            try:
-                tasks.parse_model({**d, "backbone": copy.deepcopy(rows[: i + 1]), "head": []}, ch=ch, verbose=False)
-            except Exception as e:
-                raise SwapError(f"layer {i} ({rows[i][2]} {rows[i][3]}) does not build: {type(e).__name__}: {e}") from e
-        raise SwapError(f"the swapped model does not build: {type(error).__name__}: {error}") from error
+    name = HEAD_MODELS.get(rows(d)[-1][2]) or TASK_MODELS.get(tasks.guess_model_task(d), "DetectionModel")
+    return getattr(tasks, name)
 
 
 def _shapes(x):
-    return (
-        tuple(x.shape)
-        if isinstance(x, torch.Tensor)
-        else [_shapes(t) for t in x]
-        if isinstance(x, (list, tuple))
-        else None
-    )
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, (list, tuple)):
+        return [_shapes(t) for t in x]
+    if isinstance(x, dict):
+        return {k: _shapes(v) for k, v in x.items()}
+    return None
 
 
-def _layer_shapes(model: torch.nn.Sequential, x: torch.Tensor):
-    """Run ``model`` layer by layer (routing like ``BaseModel._predict_once``); yield (index, output shapes)."""
-    y = []
-    with torch.no_grad():
-        for m in model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y.append(x)
-            yield m.i, _shapes(x)
+def _layer_index(m: torch.nn.Module) -> int | None:
+    """The index ``parse_model`` attached to a top-level layer (``m.i``; with ``m.f``, ``m.type``, ``m.np``)."""
+    i = getattr(m, "i", None)
+    return i if isinstance(i, int) and hasattr(m, "f") and hasattr(m, "np") else None
 
 
-def verify(d: dict, scale: str = "", original: dict | None = None, ch: int = 3, imgsz: int = 64) -> None:
-    """Build ``d`` with Ultralytics at ``scale``, run a forward pass and, given the ``original`` model dict, require
-    every layer's output shape to match the original's. On failure raise SwapError naming the layer."""
-    from ultralytics.nn import tasks
+def trace(d: dict, ch: int = 3) -> tuple[dict[int, object], Exception | None, int | None]:
+    """Build ``d`` with its Ultralytics model class and run the model's own forward (the stride pass of its
+    constructor, else one at ``VERIFY_SIZE``); return (layer index -> output shapes, error or None, index of the
+    layer that raised or None)."""
+    seen, entered = {}, []
 
+    def pre(m, _):
+        if _layer_index(m) is not None:
+            entered.append(m.i)
+
+    def post(m, _, out):
+        if _layer_index(m) is not None:
+            seen.setdefault(m.i, _shapes(out))
+
+    hooks = [
+        torch.nn.modules.module.register_module_forward_pre_hook(pre),
+        torch.nn.modules.module.register_module_forward_hook(post),
+    ]
+    try:
+        model = model_class(d)(copy.deepcopy(d), ch=ch, verbose=False)
+        if not seen:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, ch, VERIFY_SIZE, VERIFY_SIZE))
+    except Exception as e:
+        failed = next((i for i in reversed(entered) if i not in seen), None)
+        return seen, e, failed
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, None, None
+
+
+def verify(d: dict, scale: str = "", original: dict | None = None, ch: int = 3) -> str | None:
+    """Build ``d`` at ``scale`` as Ultralytics does, run its forward and, given the ``original`` model dict, require
+    every layer's output shape to match the original's.
+
+    Returns:
+        None when verified; a sentence saying why the check could not run when ``original`` itself does not build
+        and run here (the swap is then unverified, not refused).
+
+    Raises:
+        SwapError: naming the layer that does not build, fails or changes its output shape.
+    """
     d = _with_scale(d, scale)
-    rows = d["backbone"] + d["head"]
-    x = torch.zeros(1, ch, imgsz, imgsz)
-    ref = dict(_layer_shapes(_build_rows(_with_scale(original, d["scale"]), ch), x)) if original else {}
-    model, seen = _build_rows(d, ch), {}
-    try:
-        for i, shape in _layer_shapes(model, x):
-            seen[i] = shape
-    except Exception as e:
-        i = len(seen)
-        culprit = next((j for j in seen if ref and seen[j] != ref[j]), i)
-        why = f"its output {seen[culprit]} differs from the original {ref[culprit]}" if culprit != i else "it fails"
-        raise SwapError(
-            f"layer {culprit} ({rows[culprit][2]} {rows[culprit][3]}): {why}; forward fails at layer {i} "
-            f"({rows[i][2]}): {type(e).__name__}: {e}"
-        ) from e
-    bad = next((j for j in seen if ref and seen[j] != ref[j]), None)
-    if bad is not None:
-        raise SwapError(
-            f"layer {bad} ({rows[bad][2]} {rows[bad][3]}): output shape {seen[bad]} differs from the original layer's "
-            f"{ref[bad]}; a swap must keep every layer's output shape"
+    layers = rows(d)
+    ref = {}
+    if original is not None:
+        ref, error, _ = trace(_with_scale(original, d["scale"]), ch)
+        if error is not None:
+            return (
+                f"the source model itself does not build and run as a {model_class(original).__name__} here "
+                f"({type(error).__name__}: {error})"
+            )
+    seen, error, failed = trace(d, ch)
+    differs = next((j for j in sorted(seen) if j in ref and seen[j] != ref[j]), None)
+    if error is not None:
+        if isinstance(error, ModelYamlError):
+            raise SwapError(str(error)) from error
+        if failed is None:
+            raise SwapError(
+                f"the swapped model does not build as a {model_class(d).__name__}: {type(error).__name__}: {error}"
+            ) from error
+        culprit = failed if differs is None else differs
+        why = "it fails" if differs is None else f"its output {seen[differs]} differs from the original {ref[differs]}"
+        raise row_error(
+            culprit,
+            layers[culprit],
+            f"{why}; the forward fails at layer {failed} ({layers[failed][2]}): {type(error).__name__}: {error}",
+            SwapError,
+        ) from error
+    if differs is not None:
+        raise row_error(
+            differs,
+            layers[differs],
+            f"output shape {seen[differs]} differs from the original layer's {ref[differs]}; a swap must keep every "
+            "layer's output shape",
+            SwapError,
         )
-    model_class = {
-        "classify": tasks.ClassificationModel,
-        "segment": tasks.SegmentationModel,
-        "pose": tasks.PoseModel,
-        "obb": tasks.OBBModel,
-    }.get(tasks.guess_model_task(d), tasks.DetectionModel)
-    try:
-        model_class(copy.deepcopy(d), ch=ch, verbose=False)
-    except Exception as e:
-        raise SwapError(f"the swapped model does not build as a {model_class.__name__}: {type(e).__name__}: {e}") from e
+    return None
 
 
 def dump_model_yaml(d: dict, header: str = "") -> str:
@@ -361,6 +435,24 @@ def _flow(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).split("\n")[0]
 
 
+def scaled_name(stem: str, scale: str) -> str | None:
+    """``stem`` carrying ``scale`` the way Ultralytics reads it back (``yolov8`` + ``s`` -> ``yolov8s``; a stem that
+    has a scale keeps it), or None when the stem is not of Ultralytics' ``yolo<version>`` form."""
+    from ultralytics.nn.tasks import guess_model_scale
+
+    if guess_model_scale(f"{stem}.yaml"):
+        return stem
+    named, count = re.subn(r"^(yolo(?:e-)?v?\d+)", rf"\g<1>{scale}", stem, count=1)
+    return named if count and guess_model_scale(f"{named}.yaml") == scale else None
+
+
+def default_output(source, rules, scale: str) -> Path:
+    """``<source stem with scale>-<targets>.yaml`` in the current folder, e.g. ``yolo26n-saconv2d.yaml``."""
+    stem = Path(str(source)).stem if not isinstance(source, dict) else "model"
+    targets = "-".join(dict.fromkeys(new.lower() for new in parse_rules(rules).values()))
+    return Path(f"{scaled_name(stem, scale) or stem}-{targets}.yaml")
+
+
 def swap_yaml(source, rules, scope="all", out=None, scale=None, check=True):
     """Swap modules of ``source`` per ``rules`` inside ``scope``; verify the result builds; return dict or path.
 
@@ -370,18 +462,22 @@ def swap_yaml(source, rules, scope="all", out=None, scale=None, check=True):
         rules (str | list[str] | dict): ``"Conv=SAConv2d"``, ``["Conv=SAConv2d", "C2f=C2f_Faster"]`` or a dict.
         scope (str | list[int]): ``all``, ``backbone``, ``head``, ``strided`` or layer indices (``"1,3,5"``, ``"0-4"``).
         out (str | Path, optional): where to write the YAML. Name it with a scale letter (``yolov8n-x.yaml``) to pick
-            a scale the way Ultralytics does; without one Ultralytics uses the first scale.
+            a scale the way Ultralytics does; without one Ultralytics warns and uses the first scale.
         scale (str, optional): scale to verify at; default the source's scale, else the YAML's first scale.
-        check (bool): build the swapped model with Ultralytics, run it and compare every layer's output shape with the
-            source model's; raise SwapError naming the failing layer.
+        check (bool): build the swapped model as Ultralytics does, run it and compare every layer's output shape
+            with the source model's; raise SwapError naming the failing layer. When the source model itself cannot
+            run here (the check has nothing to compare with), the swap is written with an "unverified" note.
 
     Returns:
         (dict | Path): the swapped model dict when ``out`` is None, else the written path.
     """
     d, src_scale = load_model_yaml(source)
     new, changed = swap_dict(d, rules, scope)
-    if check:
-        verify(new, scale or src_scale, original=d)
+    unverified = verify(new, scale or src_scale, original=d) if check else "not checked (check=False)"
+    if unverified and check:
+        from ultralytics.utils import LOGGER
+
+        LOGGER.warning(f"yolo-convplug swap: written but NOT verified: {unverified}")
     if out is None:
         return new
     name = source if not isinstance(source, dict) else "a model dict"
@@ -390,8 +486,9 @@ def swap_yaml(source, rules, scope="all", out=None, scale=None, check=True):
         f"(scope {scope}).\nLayer indices are unchanged; swapped layers: "
         f"{', '.join(f'{i} {a}->{b}' for i, a, b, _ in changed)}."
     )
-    dropped = [f"layer {i} dropped {', '.join(x)} ({b} has no such argument)" for i, _, b, x in changed if x]
-    header += "".join(f"\n{line}" for line in dropped)
+    header += "".join(f"\nlayer {i} dropped {', '.join(x)} ({b} has no such argument)" for i, _, b, x in changed if x)
+    if unverified:
+        header += f"\nNot verified: {unverified}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(dump_model_yaml(new, header))

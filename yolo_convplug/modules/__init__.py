@@ -3,7 +3,8 @@
 from .condconv import CondConv
 from .dsconv import DSConv2d
 from .faster import C2f_Faster, FasterBlock, PConv
+from .odconv import ODConv
 from .saconv import SAConv2d
 from .scconv import ScConv
 
-__all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "PConv", "FasterBlock", "C2f_Faster")
+__all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster")

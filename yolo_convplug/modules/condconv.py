@@ -1,4 +1,5 @@
-"""CondConv: Conditionally Parameterized Convolutions (Yang et al., NeurIPS 2019, arXiv:1904.04971)."""
+"""CondConv: Conditionally Parameterized Convolutions (Yang et al., NeurIPS 2019, arXiv:1904.04971), and the
+per-sample-kernel convolution it shares with ODConv (:class:`DynamicKernelConv`)."""
 
 from __future__ import annotations
 
@@ -10,85 +11,64 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ultralytics.nn.modules.conv import autopad
 
-from ..registry import register
+from ..registry import ConversionError, register
 from ._utils import require, require_int, resolve_act
 
 
-def _condconv_macs(m, x, y):
-    """thop rule: the per-sample convolution. Mixing the expert kernels (experts x kernel size per sample,
-    independent of the image size) is left out: Ultralytics 8.3 counts at a stride-sized input and scales by
-    resolution, which would inflate a size-independent term hundreds of times."""
+def per_sample_conv_macs(m, x, y):
+    """thop rule of a :class:`DynamicKernelConv`: the per-sample convolution. Computing the kernels (bank size x
+    kernel size per sample, independent of the image size) is left out: Ultralytics 8.3 counts at a stride-sized
+    input and scales by resolution, which would inflate a size-independent term hundreds of times."""
     m.total_ops += y.numel() * (m.weight.shape[1] // m.c2)
 
 
-@register(role="conv", macs=_condconv_macs, paper="CondConv, Yang, Bender, Le, Ngiam, NeurIPS 2019")
-class CondConv(nn.Module):
-    """Conditionally parameterized convolution with BatchNorm and activation, Ultralytics ``Conv`` convention.
+class DynamicKernelConv(nn.Module):
+    """Convolution whose kernel is computed per sample from a bank of ``n`` kernels, then BatchNorm and activation.
 
-    For every sample ``x`` of the batch::
+    A subclass defines ``kernels(x)``: every sample's kernel ``K_b``, flattened to shape (B, c2·c1/g·k·k). This base
+    holds the bank ``weight`` (n, c2·c1/g·k·k), each row initialised like an ``nn.Conv2d`` kernel (c2, c1/g, k, k),
+    and computes::
 
-        r(x) = sigmoid(R · dropout(GAP(x)) + b_R)          # (experts,) routing weights, one set per sample
-        W(x) = sum_i r_i(x) · W_i                          # per-sample kernel, W_i of shape (c2, c1/g, k, k)
-        y    = act(BN(conv(x, W(x), stride=s, padding=autopad(k, p, d), dilation=d, groups=g)))
+        y = act(BN(conv(x_b, K_b, stride=s, padding=autopad(k, p, d), dilation=d, groups=g)))   for every sample b
 
-    Because convolution is linear in the kernel this equals the mixture of ``experts`` convolutions at the cost of a
-    single one. The whole batch runs as one grouped convolution: the batch is folded into the channel axis,
+    The whole batch runs as one grouped convolution: the batch is folded into the channel axis,
     ``x -> (1, B·c1, H, W)``, the ``B`` per-sample kernels are stacked to ``(B·c2, c1/g, k, k)`` and
-    ``groups = B·g``. No Python loop over samples; in eval a sample's output does not depend on the rest of the batch
-    (routing is per sample, BN uses running statistics).
+    ``groups = B·g``. No Python loop over samples. Folding bakes the batch size into the graph (the ``groups``
+    attribute), so while tracing (``torch.jit.trace``, ``torch.onnx.export``) the same product is computed as
+    im2col + batched matmul, ``K_b @ unfold(x_b)``, whose graph has no batch-dependent constant: exported models run
+    at any batch size.
 
-    Folding bakes the batch size into the graph (the ``groups`` attribute), so while tracing (``torch.jit.trace``,
-    ``torch.onnx.export``) the same product is computed as im2col + batched matmul, ``W(x) @ unfold(x)``, whose graph
-    has no batch-dependent constant: exported models run at any batch size.
-
-    ``fuse()`` folds BN into every expert: ``BN(conv(x, sum r_i W_i)) = conv(x, sum r_i (a ⊙ W_i)) + (beta - a·mu)``
-    with ``a = gamma / sqrt(var + eps)`` per output channel; exact because the kernel mixture is linear.
-
-    Args:
-        c1 (int): Input channels.
-        c2 (int): Output channels.
-        k (int): Kernel size.
-        s (int): Stride.
-        p (int | None): Padding, ``autopad(k, p, d)`` when None.
-        g (int): Groups; must divide c1 and c2.
-        d (int): Dilation.
-        act (bool | nn.Module): Activation, Ultralytics convention.
-        experts (int): Number of expert kernels (the paper uses 8).
-        dropout (float): Dropout rate on the routing input (the pooled features) in training, in [0, 1). Default 0:
-            on YOLOv8n from scratch (shapes set, 20 epochs, 2 seeds) 0.2 gave mAP50-95 0.86/0.36 against 0.86/0.74
-            without, the routing noise destabilising BN statistics; raise it for long schedules if routing overfits.
+    ``fuse()`` folds BN into every kernel of the bank: with ``a = gamma / sqrt(var + eps)`` per output channel,
+    ``BN(conv(x, K)) = conv(x, a ⊙ K) + (beta - a·mu)``, and ``a ⊙ K`` is the kernel computed from the bank
+    ``a ⊙ W_i`` whenever ``K`` is built from the ``W_i`` by sums and elementwise per-sample factors (as in CondConv
+    and ODConv).
     """
 
-    def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, experts=8, dropout=0.0):
-        """Build the expert kernels, the routing layer, BN and the activation."""
+    def __init__(self, c1, c2, k, s, p, g, d, n, n_name):
+        """Check the arguments and build the bank of ``n`` kernels (``n_name`` names it in errors); a subclass
+        builds what computes ``kernels(x)``, then ``self.bn`` (BatchNorm2d(c2)) and ``self.act``."""
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("c1", c1), ("c2", c2), ("k", k), ("s", s), ("g", g), ("d", d), ("experts", experts)):
+        for arg, value in (("c1", c1), ("c2", c2), ("k", k), ("s", s), ("g", g), ("d", d), (n_name, n)):
             require_int(name, arg, value)
         require(p is None or (isinstance(p, int) and not isinstance(p, bool) and p >= 0), name, "p", p,
                 "use None (autopad) or an integer >= 0")
         require(c1 % g == 0 and c2 % g == 0, name, "g", g, f"groups must divide c1={c1} and c2={c2}")
-        require(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1, name,
-                "dropout", dropout, "use a rate in [0, 1)")
         self.c1, self.c2, self.k, self.s, self.g, self.d = c1, c2, k, s, g, d
         self.p = autopad(k, p, d)
         # one flattened kernel (c2, c1/g, k, k) per row: 2-D, so Ultralytics' channels_last conversion leaves it be
-        self.weight = nn.Parameter(torch.empty(experts, c2 * (c1 // g) * k * k))
-        for i in range(experts):  # every expert initialised like an nn.Conv2d kernel
+        self.weight = nn.Parameter(torch.empty(n, c2 * (c1 // g) * k * k))
+        for i in range(n):  # every kernel initialised like an nn.Conv2d kernel
             nn.init.kaiming_uniform_(self.weight.data[i].view(c2, c1 // g, k, k), a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
-        self.routing = nn.Linear(c1, experts)
-        self.bn = nn.BatchNorm2d(c2)
-        self.act = resolve_act(act)
 
-    def routing_weights(self, x):
-        """Per-sample expert weights ``sigmoid(R · dropout(GAP(x)) + b_R)``, shape (B, experts)."""
-        return torch.sigmoid(self.routing(self.dropout(x.mean((2, 3)))))
+    def kernels(self, x):
+        """Every sample's kernel, flattened: (B, c2·c1/g·k·k)."""
+        raise NotImplementedError
 
-    def conditional_conv(self, x, bias=None):
-        """Convolve every sample with its own kernel ``sum_i r_i(x) W_i`` (plus an optional per-channel bias)."""
+    def dynamic_conv(self, x, bias=None):
+        """Convolve every sample with its own kernel ``kernels(x)[b]`` (plus an optional per-channel bias)."""
         b, _, h, w = x.shape
-        kernels = self.routing_weights(x) @ self.weight  # (B, c2·c1/g·k·k)
+        kernels = self.kernels(x)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return self._unfold_conv(x, kernels, bias)
         kernels = kernels.reshape(b * self.c2, self.c1 // self.g, self.k, self.k)
@@ -106,22 +86,123 @@ class CondConv(nn.Module):
         return y if bias is None else y + bias.reshape(1, -1, 1, 1)
 
     def forward(self, x):
-        """Apply the conditional convolution, BN and the activation."""
-        return self.act(self.bn(self.conditional_conv(x)))
+        """Apply the per-sample convolution, BN and the activation."""
+        return self.act(self.bn(self.dynamic_conv(x)))
 
     def forward_fuse(self, x):
-        """Apply the conditional convolution with BN folded into the experts, then the activation."""
-        return self.act(self.conditional_conv(x, self.bias))
+        """Apply the per-sample convolution with BN folded into the bank, then the activation."""
+        return self.act(self.dynamic_conv(x, self.bias))
 
     def fuse(self):
-        """Fold BN into every expert kernel and a per-channel bias (exact), delete BN, switch to forward_fuse."""
+        """Fold BN into every kernel of the bank and a per-channel bias (exact), delete BN, switch to forward_fuse."""
         if not hasattr(self, "bn"):  # already fused
             return self
         bn = self.bn
-        experts = self.weight.view(-1, self.c2, self.c1 // self.g, self.k, self.k).transpose(0, 1)
-        w, b = fuse_conv_bn_weights(experts, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        bank = self.weight.view(-1, self.c2, self.c1 // self.g, self.k, self.k).transpose(0, 1)
+        w, b = fuse_conv_bn_weights(bank, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         self.weight = nn.Parameter(w.detach().transpose(0, 1).reshape_as(self.weight).contiguous(), requires_grad=False)
         self.bias = nn.Parameter(b.detach(), requires_grad=False)
         del self.bn
         self.forward = self.forward_fuse
         return self
+
+    @torch.no_grad()
+    def convert_bank(self, stock: nn.Module, noise: float, label: str) -> str:
+        """Set every kernel of the bank to the stock ``Conv``'s kernel ``W`` plus Gaussian noise of ``noise`` x
+        std(W), and BN to the stock BN; return e.g. ``"8 experts = W + 1% noise"`` (``label`` names the kernels).
+
+        Raises:
+            ConversionError: the stock layer is fused, or differs in shape, stride, padding, groups, dilation or
+                activation.
+        """
+        name = type(self).__name__
+        require(isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise >= 0, name, "noise", noise,
+                "use a fraction of the kernel's std >= 0 (0: exact copies)")
+        conv, bn = stock.conv, getattr(stock, "bn", None)
+        if bn is None:
+            raise ConversionError(f"the {type(stock).__name__} is fused (no BN to copy); convert before fusing")
+        pairs = (("c1", self.c1, conv.in_channels), ("c2", self.c2, conv.out_channels),
+                 ("k", (self.k,) * 2, conv.kernel_size), ("s", (self.s,) * 2, conv.stride),
+                 ("p", (self.p,) * 2, conv.padding), ("g", self.g, conv.groups), ("d", (self.d,) * 2, conv.dilation))
+        for arg, mine, theirs in pairs:
+            if mine != theirs:
+                raise ConversionError(f"{arg}: {type(stock).__name__} has {theirs}, {name} has {mine}")
+        if type(stock.act) is not type(self.act):
+            raise ConversionError(f"activation: {type(stock.act).__name__} in the stock layer, "
+                                  f"{type(self.act).__name__} here")
+        w = conv.weight.detach().reshape(1, -1)
+        self.weight.copy_(w + noise * w.std() * torch.randn_like(self.weight))
+        self.bn.load_state_dict(bn.state_dict())
+        self.bn.eps, self.bn.momentum = bn.eps, bn.momentum
+        n = self.weight.shape[0]
+        return f"{n} {label} = W + {noise * 100:g}% noise" if noise else f"{n} {label} = W"
+
+
+@register(role="conv", macs=per_sample_conv_macs, paper="CondConv, Yang, Bender, Le, Ngiam, NeurIPS 2019")
+class CondConv(DynamicKernelConv):
+    """Conditionally parameterized convolution with BatchNorm and activation, Ultralytics ``Conv`` convention.
+
+    For every sample ``x`` of the batch::
+
+        r(x) = sigmoid(R · dropout(GAP(x)) + b_R)          # (experts,) routing weights, one set per sample
+        W(x) = sum_i r_i(x) · W_i                          # per-sample kernel, W_i of shape (c2, c1/g, k, k)
+        y    = act(BN(conv(x, W(x), stride=s, padding=autopad(k, p, d), dilation=d, groups=g)))
+
+    Because convolution is linear in the kernel this equals the mixture of ``experts`` convolutions at the cost of a
+    single one, computed for the whole batch at once by :class:`DynamicKernelConv` (one grouped convolution; im2col
+    + batched matmul under tracing and export). In eval a sample's output does not depend on the rest of the batch
+    (routing is per sample, BN uses running statistics). ``fuse()`` folds BN into every expert (exact: the kernel
+    mixture is linear).
+
+    Warm start: ``convert_from(conv)`` sets every expert to the stock kernel plus small noise (identical experts
+    would get identical gradients forever), the routing weight to 0 and its bias to ``logit(1/experts)`` so that
+    ``sum_i r_i = 1``: the layer starts as the stock convolution, up to the noise, with the stock BN.
+
+    Args:
+        c1 (int): Input channels.
+        c2 (int): Output channels.
+        k (int): Kernel size.
+        s (int): Stride.
+        p (int | None): Padding, ``autopad(k, p, d)`` when None.
+        g (int): Groups; must divide c1 and c2.
+        d (int): Dilation.
+        act (bool | nn.Module): Activation, Ultralytics convention.
+        experts (int): Number of expert kernels (the paper uses 8).
+        dropout (float): Dropout rate on the routing input (the pooled features) in training, in [0, 1). Default 0:
+            routing noise makes the BN statistics of short schedules unstable; raise it for long schedules if
+            routing overfits.
+    """
+
+    def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, experts=8, dropout=0.0):
+        """Build the expert kernels, the routing layer, BN and the activation."""
+        super().__init__(c1, c2, k, s, p, g, d, experts, "experts")
+        require(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+                type(self).__name__, "dropout", dropout, "use a rate in [0, 1)")
+        self.dropout = nn.Dropout(dropout)
+        self.routing = nn.Linear(c1, experts)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = resolve_act(act)
+
+    def routing_weights(self, x):
+        """Per-sample expert weights ``sigmoid(R · dropout(GAP(x)) + b_R)``, shape (B, experts)."""
+        return torch.sigmoid(self.routing(self.dropout(x.mean((2, 3)))))
+
+    def kernels(self, x):
+        """Every sample's kernel ``sum_i r_i(x) W_i``, flattened: (B, c2·c1/g·k·k)."""
+        return self.routing_weights(x) @ self.weight
+
+    @torch.no_grad()
+    def convert_from(self, stock: nn.Module, noise: float = 0.01) -> str:
+        """Start from a stock Ultralytics ``Conv``: experts ``W + noise · std(W) · N(0, 1)``, routing weight 0 and
+        bias ``logit(1/experts)`` (so ``r_i = 1/experts``), BN copied; returns what it did.
+
+        Raises:
+            ConversionError: one expert (its routing weight cannot be exactly 1), or a stock layer of another shape.
+        """
+        experts = self.weight.shape[0]
+        if experts == 1:
+            raise ConversionError("experts=1: the routing weight sigmoid(b) cannot be exactly 1; use experts >= 2")
+        description = self.convert_bank(stock, noise, "experts")
+        self.routing.weight.zero_()
+        self.routing.bias.fill_(-math.log(experts - 1))  # logit(1/E): E · sigmoid(b) = 1
+        return description

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ultralytics.nn.modules.block import C2f
 from ultralytics.nn.modules.conv import Conv
 
-from ..registry import register
+from ..registry import ConversionError, register
 from ._utils import fuse_convs, require, require_int, resolve_act
 
 
@@ -82,8 +82,9 @@ class FasterBlock(nn.Module):
     """FasterNet block (FasterNet, CVPR 2023, Fig. 4).
 
     ``y = x + DropPath(W_2 * act(BN(W_1 * PConv(x))))`` where ``W_1`` is a 1x1 conv to ``mlp_ratio * c2``
-    channels and ``W_2`` a 1x1 conv back to ``c2`` without BN or activation. As in Ultralytics' ``Bottleneck``,
-    the residual is added only when ``shortcut`` and ``c1 == c2``; otherwise ``y`` is the branch alone.
+    channels and ``W_2`` a 1x1 conv back to ``c2`` without BN or activation. The residual is FasterNet's (paper
+    Fig. 4, the official MLPBlock always adds it), and ``C2f_Faster`` always builds its blocks with it; standalone,
+    ``shortcut=False`` or ``c1 != c2`` leaves ``y`` the branch alone.
 
     ``fuse()`` folds the BN into ``W_1`` (an Ultralytics ``Conv``, switched to its ``forward_fuse``), which is exact.
 
@@ -94,7 +95,7 @@ class FasterBlock(nn.Module):
         mlp_ratio (float): Hidden width of the MLP relative to c2.
         drop_path (float): Stochastic-depth probability of the branch in training, in [0, 1).
         act (bool | nn.Module): Activation after the BN, Ultralytics ``Conv`` convention.
-        shortcut (bool): Add the input to the output when c1 == c2.
+        shortcut (bool): Add the input to the output when c1 == c2 (True in FasterNet and in C2f_Faster).
     """
 
     def __init__(
@@ -146,8 +147,13 @@ class C2f_Faster(C2f):
     """Ultralytics ``C2f`` (CSP bottleneck, two convs) with FasterNet blocks instead of Bottlenecks.
 
     ``y = cv2(cat(a, b, m_1(b), m_2(m_1(b)), ...))`` with ``(a, b) = chunk(cv1(x), 2)`` and ``m_i`` FasterBlocks
-    of width ``c = int(c2 * e)`` (Chen et al., CVPR 2023; C2f from Ultralytics YOLOv8). ``forward`` and
-    ``forward_split`` are C2f's own, so Ultralytics' exporter swap gives the same output.
+    of width ``c = int(c2 * e)``, each with its residual ``m_i(z) = z + branch(z)`` (Chen et al., CVPR 2023; C2f
+    from Ultralytics YOLOv8). ``forward`` and ``forward_split`` are C2f's own, so Ultralytics' exporter swap gives
+    the same output.
+
+    Warm start (``convert_from``) from an Ultralytics ``C2f``/``C3k2`` of the same c1, c2, e and n copies cv1 and
+    cv2 and zeroes every FasterBlock's last projection ``W_2`` (the usual zero-init of a residual branch), so the
+    layer starts as ``cv2(cat(a, b, b, ..., b))``: the stock layer with identity bottlenecks.
 
     Args:
         c1 (int): Input channels.
@@ -195,3 +201,28 @@ class C2f_Faster(C2f):
     def fuse(self) -> C2f_Faster:
         """Fold every BN (cv1, cv2 and the FasterBlocks' expand convs) for inference."""
         return fuse_convs(self)
+
+    @torch.no_grad()
+    def convert_from(self, stock: nn.Module) -> str:
+        """Start from a stock ``C2f``/``C3k2``: its cv1 and cv2, and FasterBlocks that start as the identity.
+
+        Raises:
+            ConversionError: the stock layer's cv1/cv2 shapes differ (another c1, c2, e or number of blocks n, which
+                sets cv2's input width ``(2 + n) * c``) or its convs are already fused (no BN to copy).
+        """
+        for name in ("cv1", "cv2"):
+            ours, theirs = getattr(self, name), getattr(stock, name)
+            if not hasattr(theirs, "bn") or not hasattr(ours, "bn"):
+                raise ConversionError(f"{name} of one side is fused (no BN); convert before fusing")
+            shape, stock_shape = tuple(ours.conv.weight.shape), tuple(theirs.conv.weight.shape)
+            if shape != stock_shape:
+                raise ConversionError(
+                    f"{name} kernel {stock_shape} (stock, n={len(stock.m)}) != {shape} (n={len(self.m)}); "
+                    "c1, c2, e and n must match"
+                )
+        self.cv1.load_state_dict(stock.cv1.state_dict())
+        self.cv2.load_state_dict(stock.cv2.state_dict())
+        for block in self.m:
+            nn.init.zeros_(block.cv2.weight)  # branch = 0: m_i(z) = z
+        n = len(self.m)
+        return f"cv1/cv2 copied, {n} FasterBlock{'s start' if n != 1 else ' starts'} as identity"

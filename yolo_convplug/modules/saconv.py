@@ -1,7 +1,9 @@
 """Switchable Atrous Convolution (SAC) with weight standardisation and global context.
 
 Qiao, Chen, Yuille, "DetectoRS: Detecting Objects with Recursive Feature Pyramid and Switchable Atrous
-Convolution", CVPR 2021, arXiv:2006.02334 (Section 4, ConvAWS + SAC).
+Convolution", CVPR 2021, arXiv:2006.02334 (Section 4, ConvAWS + SAC). ``deform=True``: deformable convolution
+(Dai et al., "Deformable Convolutional Networks", ICCV 2017) in both SAC branches, the setting of DetectoRS'
+published SAC results (mmcv ``SAConv2d(use_deform=True)``).
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.onnx import register_custom_op_symbolic, symbolic_helper
+from torchvision.ops import deform_conv2d
 from ultralytics.nn.modules.conv import autopad
 
-from ..registry import register
+from ..registry import ConversionError, register
 from ._utils import require, require_int, resolve_act
 
 
@@ -37,7 +41,7 @@ def _standardize(weight, gamma, beta):
 
 
 class _StandardizeAddDiff(torch.autograd.Function):
-    """``(W_hat, W_hat + dW)`` with an analytic backward that allocates two weight-sized tensors.
+    """``(W_hat, W_hat + gamma * dW)`` with an analytic backward that allocates two weight-sized tensors.
 
     With ``n`` weights per filter, ``s = gamma / std`` and ``G`` the gradient reaching ``W_hat``:
     ``dL/dW = s * G + k * W - rowmean(s * G + k * W)``, ``k = -s * <G, W - mean> / ((n - 1) * std^2)``.
@@ -45,10 +49,10 @@ class _StandardizeAddDiff(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, diff, gamma, beta):
-        """Standardise ``weight`` and add ``diff``."""
+        """Standardise ``weight`` and add ``gamma * diff``."""
         w, mean, std = _standardize(weight, gamma, beta)
         ctx.save_for_backward(weight, mean, std, gamma)
-        return w, w + diff
+        return w, torch.addcmul(w, gamma, diff)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -60,12 +64,43 @@ class _StandardizeAddDiff(torch.autograd.Function):
         dot = torch.linalg.vecdot(grad, flat, dim=1).unsqueeze(1) - mean * grad.sum(1, keepdim=True)
         scale = gamma.view(-1, 1) / std
         grad.mul_(scale).addcmul_(flat, -scale * dot / ((flat.shape[1] - 1) * std.square()))
-        return grad.sub_(grad.mean(1, keepdim=True)).view_as(weight), grad_large, None, None
+        return grad.sub_(grad.mean(1, keepdim=True)).view_as(weight), grad_large * gamma, None, None
 
 
 def _saconv_macs(m, x, y):
-    """thop rule: the two atrous convolutions with the layer's kernel shape (thop sees neither F.conv2d call)."""
+    """thop rule for the two atrous convolutions, which thop does not see (``F.conv2d``/``deform_conv2d`` calls).
+
+    Each branch: ``k * k * c1 / g`` MACs per output value. With ``deform``, each branch also samples its ``k * k * c1``
+    input values per output position bilinearly, counted as 4 MACs a value. The offset and switch convolutions are
+    modules that thop counts itself; poolings are not counted.
+    """
     m.total_ops += 2 * y.numel() * m.conv.weight[0].numel()
+    if m.deform:
+        m.total_ops += 2 * 4 * y[:, 0].numel() * m.conv.in_channels * m.conv.kernel_size[0] * m.conv.kernel_size[1]
+
+
+DEFORM_OPSET = 19  # ONNX's DeformConv
+
+
+@symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
+def _deform_conv2d_onnx(g, x, weight, offset, mask, bias, sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask):
+    """``torchvision::deform_conv2d`` as ONNX ``DeformConv`` (opset 19), for the TorchScript exporter Ultralytics uses."""
+    inputs = (x, weight, offset, bias, mask) if use_mask else (x, weight, offset, bias)
+    return g.op("DeformConv", *inputs, strides_i=[sh, sw], pads_i=[ph, pw, ph, pw], dilations_i=[dh, dw],
+                group_i=groups, offset_group_i=offset_groups)
+
+
+def _deform_conv2d_onnx_too_old(g, *args):
+    """Refuse an ONNX export below opset 19, which has no deformable convolution."""
+    raise RuntimeError(
+        f"torchvision's deform_conv2d (SAConv2d(deform=True)): ONNX has deformable convolution (DeformConv) from "
+        f"opset {DEFORM_OPSET} on; export with opset={DEFORM_OPSET} (`yolo export format=onnx opset={DEFORM_OPSET}`; "
+        "onnxruntime's CPU provider runs it, other runtimes may not), or build the model with deform=False to deploy"
+    )
+
+
+register_custom_op_symbolic("torchvision::deform_conv2d", _deform_conv2d_onnx_too_old, 7)
+register_custom_op_symbolic("torchvision::deform_conv2d", _deform_conv2d_onnx, DEFORM_OPSET)
 
 
 @register(role="conv", macs=_saconv_macs, paper="DetectoRS, Qiao, Chen, Yuille, CVPR 2021")
@@ -77,11 +112,14 @@ class SAConv2d(nn.Module):
         W_hat = gamma * (W - mean(W)) / sqrt(var(W) + 1e-5) + beta      # ConvAWS, statistics per output filter
         x'    = x + conv1x1_pre(GAP(x))                                  # pre-context
         S     = conv1x1_switch(avgpool5x5(x'))        (stride s)         # switch, init weight 0 bias 1 -> S = 1
-        y     = S * conv(x', W_hat, dilation d) + (1 - S) * conv(x', W_hat + dW, dilation 3d)   # dW init 0
+        y     = S * conv(x', W_hat, dilation d) + (1 - S) * conv(x', W_hat + gamma * dW, dilation 3d)  # dW init 0
         out   = act(BN(y + conv1x1_post(GAP(y))))                        # post-context, BN, activation
 
     ``gamma``/``beta`` are buffers, set at construction to the per-filter std and mean of the initial ``W`` (so
-    ``W_hat = W``: a fresh module has a fresh ``Conv``'s scale). Both context convs start at zero, so a fresh module
+    ``W_hat = W``: a fresh module has a fresh ``Conv``'s scale). The weight difference ``dW`` is in units of the
+    filter's scale ``gamma``, as DetectoRS' ``dW`` is in units of its ``gamma = 1`` kernel: an optimizer step moves the
+    large-dilation kernel by the same fraction of the kernel either way (and a checkpoint with ``gamma = 1`` computes
+    DetectoRS' ``W_hat + dW`` exactly). Both context convs start at zero, so a fresh module
     is a plain convolution. Loading a plain-convolution state dict (``conv.weight`` and no
     ``weight_gamma``), e.g. an Ultralytics ``Conv``'s, converts it as DetectoRS does: ``gamma = std(W)`` and
     ``beta = mean(W)``, so ``W_hat`` equals the loaded kernel, and the SAC-specific tensors the state dict lacks
@@ -90,12 +128,24 @@ class SAConv2d(nn.Module):
     The avg-pool pads with zeros and averages over the valid pixels only (``count_include_pad=False``), so any
     feature-map size works, 1x1 included. Because the 5x5 average and the switch's 1x1 convolution are both
     linear and channel-/space-separable, the switch is computed as ``avgpool(conv1x1(x'))`` on one channel,
-    which is the same map at a fraction of the cost. Training differentiates the standardisation with a hand-written
+    which is the same map at a fraction of the cost; it runs at its parameters' precision even under autocast, as its
+    weight gradient (a sum of ``x' * (small - large)`` over every pixel) overflows float16. Training differentiates the standardisation with a hand-written
     backward (a few passes over the weight instead of autograd's); ``fuse()`` precomputes both kernels and folds BN
     into the post-context. For ``k = 1`` dilation changes nothing, so the second branch keeps dilation 1.
+
+    ``deform=True`` (DetectoRS' published setting, mmcv's ``use_deform``) makes both branches deformable
+    convolutions (torchvision's ``deform_conv2d``) whose sampling offsets come from a 3x3 convolution (stride ``s``)
+    of ``avgpool5x5(x')``, each branch its own ``2 k^2`` offset channels (the first half of ``offset``'s output for
+    the dilation-``d`` branch, the second for ``3d``). ``offset`` starts at zero, so a fresh or converted deformable
+    module computes exactly what the non-deformable one does; ``fuse()`` keeps the offset convolution. Operands
+    of the deformable convolutions share the input's dtype (float32 for bfloat16, which torchvision lacks). It
+    exports to ONNX ``DeformConv``, which needs opset >= 19 (importing this module registers the export of
+    torchvision's op; below 19 the export stops with an error that says so).
     """
 
-    def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True):
+    deform = False  # the default for modules pickled before ``deform`` existed (old checkpoints)
+
+    def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, deform=False):
         """Build the layer; see the class docstring. ``k`` must be odd and ``p`` "same" so both branches align."""
         super().__init__()
         name = type(self).__name__
@@ -117,6 +167,7 @@ class SAConv2d(nn.Module):
             c1 // g * k * k,
             "weight standardisation needs at least 2 weights per filter: use k >= 3 or fewer groups",
         )
+        require(isinstance(deform, bool), name, "deform", deform, "use True (deformable branches) or False")
         self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, None, d), dilation=d, groups=g, bias=False)
         self.register_buffer("weight_gamma", torch.ones(c2, 1, 1, 1))
         self.register_buffer("weight_beta", torch.zeros(c2, 1, 1, 1))
@@ -128,6 +179,9 @@ class SAConv2d(nn.Module):
         self.act = resolve_act(act)
         self.large_dilation = 3 * d if k > 1 else 1  # dilation does nothing to a 1x1 kernel: keep the fast 1x1 path
         self.large_padding = autopad(k, None, self.large_dilation)
+        self.deform = deform
+        if deform:
+            self.offset = nn.Conv2d(c1, 2 * 2 * k * k, 3, s, 1)  # (dy, dx) per kernel tap, for each branch
         self.reset_sac_parameters()
         self._match_standardization_to_kernel()
 
@@ -137,22 +191,22 @@ class SAConv2d(nn.Module):
 
         A fresh module then starts at the scale of a fresh ``nn.Conv2d`` (kernel variance ``1 / (3 fan_in)``) and
         equals one converted from a fresh Conv. With ``gamma = 1`` the standardised kernel would have unit variance
-        per weight, its BN input ~1000x a Conv's variance, and BN's ``running_var`` could overflow float16 (65504)
-        in the half-precision checkpoints Ultralytics saves.
+        per weight, its BN input about ``3 fan_in`` times a Conv's variance, and BN's ``running_var`` could overflow
+        float16 (65504) in the half-precision checkpoints Ultralytics saves.
         """
         _, mean, std = _standardize(self.conv.weight, self.weight_gamma, self.weight_beta)
         self.weight_gamma.copy_(std.view_as(self.weight_gamma))
         self.weight_beta.copy_(mean.view_as(self.weight_beta))
 
     def reset_sac_parameters(self):
-        """Set the SAC tensors to their initial values: zero contexts and weight difference, switch = 1."""
+        """Set the SAC tensors to their initial values: zero contexts, weight difference and offsets, switch = 1."""
         with torch.no_grad():
             for name, value in self._sac_initial_state().items():
                 self.get_parameter(name).copy_(value)
 
     def _sac_initial_state(self):
         """Initial values of the tensors a plain convolution does not have, keyed by state-dict name."""
-        return {
+        state = {
             "weight_diff": torch.zeros_like(self.weight_diff),
             "pre_context.weight": torch.zeros_like(self.pre_context.weight),
             "pre_context.bias": torch.zeros_like(self.pre_context.bias),
@@ -161,26 +215,40 @@ class SAConv2d(nn.Module):
             "post_context.weight": torch.zeros_like(self.post_context.weight),
             "post_context.bias": torch.zeros_like(self.post_context.bias),
         }
+        if self.deform:
+            state["offset.weight"] = torch.zeros_like(self.offset.weight)
+            state["offset.bias"] = torch.zeros_like(self.offset.bias)
+        return state
 
     def standardized_weight(self):
         """Return ``W_hat = gamma * (W - mean) / std + beta`` (c2, c1/g, k, k)."""
         return _standardize(self.conv.weight, self.weight_gamma, self.weight_beta)[0]
 
     def _kernels(self):
-        """``(W_hat, W_hat + dW)``; a hand-written backward makes training cheap (autograd's var_mean is slow)."""
+        """``(W_hat, W_hat + gamma * dW)``; a hand-written backward makes training cheap (autograd's var_mean is slow)."""
         if torch.jit.is_tracing():  # a custom autograd.Function does not trace or export: same values, plain ops
             w = self.standardized_weight()
-            return w, w + self.weight_diff
+            return w, torch.addcmul(w, self.weight_gamma, self.weight_diff)
         return _StandardizeAddDiff.apply(self.conv.weight, self.weight_diff, self.weight_gamma, self.weight_beta)
 
     def _switchable(self, x, w_small, w_large):
-        """Pre-context, switch and the two atrous convolutions blended by the switch (the SAC body)."""
+        """Pre-context, switch and the two atrous (optionally deformable) convolutions blended by the switch."""
         x = x + _context(x, self.pre_context)
-        s = F.avg_pool2d(self.switch(x), 5, self.conv.stride, 2, count_include_pad=False)
+        with torch.autocast(x.device.type, enabled=False):  # the switch's weight gradient sums x' * (small - large)
+            s = self.switch(x.to(self.switch.weight.dtype))  # over every pixel: it overflows float16 (65504)
+        s = F.avg_pool2d(s, 5, self.conv.stride, 2, count_include_pad=False)
         conv = self.conv
-        small = F.conv2d(x, w_small, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        large = F.conv2d(x, w_large, None, conv.stride, self.large_padding, self.large_dilation, conv.groups)
-        return torch.lerp(large, small, s)  # s * small + (1 - s) * large
+        if self.deform:  # one dtype for all operands (autocast mixes them); torchvision has no bfloat16 kernel
+            dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+            offsets = self.offset(F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)).to(dtype)
+            offsets = torch.nan_to_num(offsets).chunk(2, 1)  # torchvision's sampling crashes the process on NaN
+            x, w_small, w_large = x.to(dtype), w_small.to(dtype), w_large.to(dtype)
+            small = deform_conv2d(x, offsets[0], w_small, None, conv.stride, conv.padding, conv.dilation)
+            large = deform_conv2d(x, offsets[1], w_large, None, conv.stride, self.large_padding, self.large_dilation)
+        else:
+            small = F.conv2d(x, w_small, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            large = F.conv2d(x, w_large, None, conv.stride, self.large_padding, self.large_dilation, conv.groups)
+        return torch.lerp(large, small, s.to(small.dtype))  # s * small + (1 - s) * large
 
     def forward(self, x):
         """Apply SAC, post-context, BatchNorm and activation."""
@@ -201,7 +269,7 @@ class SAConv2d(nn.Module):
         per-channel scale ``a`` remains, applied in the same pass that adds the context. ``a`` is *not* folded
         into the kernels because recovering ``GAP(y)`` from ``GAP(a * y)`` would divide by ``a`` (inexact or
         impossible where a BN weight is 0). The standardised kernels ``W_hat`` and ``W_hat + dW`` are computed
-        once here instead of every forward.
+        once here instead of every forward; the offsets (deform) still come from the input.
         """
         if not hasattr(self, "bn"):
             return self
@@ -216,6 +284,26 @@ class SAConv2d(nn.Module):
         del self.bn
         self.forward = self.forward_fuse
         return self
+
+    def convert_from(self, stock: nn.Module) -> str:
+        """Warm start from an Ultralytics ``Conv`` of the same geometry: exactly the stock layer's function.
+
+        The kernel goes through the plain-convolution conversion of ``load_state_dict`` (``W_hat`` = the stock
+        kernel), BN is copied (statistics, ``eps``, ``momentum``), the SAC tensors (offsets included) get their
+        initial values. Raises ``ConversionError`` naming the mismatch for another geometry or a fused ``Conv``.
+        """
+        conv, bn = getattr(stock, "conv", None), getattr(stock, "bn", None)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise ConversionError(f"{type(stock).__name__} has no conv + bn pair (fused?); SAConv2d needs both")
+        fields = dict(c1="in_channels", c2="out_channels", k="kernel_size", s="stride", p="padding", d="dilation",
+                      g="groups")
+        mismatch = [f"{a}={getattr(conv, f)} vs {getattr(self.conv, f)}" for a, f in fields.items()
+                    if getattr(conv, f) != getattr(self.conv, f)]
+        if mismatch:
+            raise ConversionError(f"stock {type(stock).__name__} vs SAConv2d: {', '.join(mismatch)}")
+        self.load_state_dict(stock.state_dict())
+        self.bn.eps, self.bn.momentum = bn.eps, bn.momentum
+        return "exact: W_hat = the stock kernel (gamma = std, beta = mean), BN copied, SAC tensors at their start"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         """Convert a plain-convolution state dict (no ``weight_gamma``) as DetectoRS does, then load."""

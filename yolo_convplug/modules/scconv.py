@@ -1,4 +1,9 @@
-"""ScConv: Spatial and Channel Reconstruction Convolution (Li, Li, Wen, CVPR 2023)."""
+"""ScConv: Spatial and Channel Reconstruction Convolution.
+
+Jiafeng Li, Ying Wen, Lianghua He, "SCConv: Spatial and Channel Reconstruction Convolution for Feature Redundancy",
+CVPR 2023. The authors published no code; github.com/cheng-haha/ScConv, the implementation most YOLO forks copy,
+calls itself unofficial.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules.conv import autopad
 
-from ..registry import register
+from ..registry import ConversionError, register
 from ._utils import require, require_int, resolve_act
+
+
+class GroupNorm4d(nn.GroupNorm):
+    """``nn.GroupNorm`` whose affine ``weight`` and ``bias`` are stored as (1, C, 1, 1), the broadcast shape of an
+    NCHW map, instead of (C,); same computation, and (C,) state dicts still load."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        """Build the GroupNorm, then reshape its affine parameters."""
+        super().__init__(num_groups, num_channels, eps)
+        self.weight = nn.Parameter(self.weight.detach().view(1, -1, 1, 1))
+        self.bias = nn.Parameter(self.bias.detach().view(1, -1, 1, 1))
+
+    def forward(self, x):
+        """Group-normalise ``x`` and apply the affine."""
+        return F.group_norm(x, self.num_groups, self.weight.flatten(), self.bias.flatten(), self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Reshape (C,) affine tensors of older state dicts, then load."""
+        for name in ("weight", "bias"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.dim() == 1:
+                state_dict[prefix + name] = t.view(1, -1, 1, 1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def largest_divisor(n: int, limit: int) -> int:
@@ -22,26 +50,38 @@ def largest_divisor(n: int, limit: int) -> int:
 class ScConv(nn.Module):
     """SCConv = SRU then CRU, then BN and activation; a drop-in for Ultralytics ``Conv(c1, c2, k, s)``.
 
-    Spatial Reconstruction Unit (SRU) on the ``c1`` input channels, with ``GN`` a GroupNorm of affine ``gamma, beta``::
+    Spatial Reconstruction Unit (SRU, paper Sec. 2.1, Eq. 1-4) on the ``c1`` input channels, with ``GN`` a
+    GroupNorm of affine ``gamma, beta``::
 
         w  = |gamma| / sum|gamma|                        # paper: gamma / sum(gamma); equal while gamma > 0 (init 1),
                                                          # but never a division by ~0 when gamma sums near zero
         W  = sigmoid(w ⊙ GN(X))
-        W1 = where(W >= t, 1, W),  W2 = where(W >= t, 0, W)        # informative / non-informative weights, t = 0.5
+        W1 = where(W >= t, 1, W),  W2 = where(W >= t, 0, W)        # informative / non-informative weights
         X1 = W1 ⊙ X,  X2 = W2 ⊙ X
         Xw = [X1_a + X2_b, X1_b + X2_a]                  # cross reconstruction of the halves a (first ceil(c1/2)
                                                          # channels) and b (last floor(c1/2)), i.e. X1 + rotate(X2)
 
-    Channel Reconstruction Unit (CRU): split ``Xw`` into ``up = round(alpha·c1)`` upper and ``c1 - up`` lower channels
-    (round half up, clamped to [1, c1 - 1]), squeeze each with a 1x1 conv (ratio ``squeeze``), then::
+    Channel Reconstruction Unit (CRU, Sec. 2.2, Eq. 5-9): split ``Xw`` into ``up = round(alpha·c1)`` upper and
+    ``c1 - up`` lower channels (round half up, clamped to [1, c1 - 1]), squeeze each with a 1x1 conv (ratio
+    ``squeeze``), then::
 
         Y1 = GWC_kxk(Xu) + PWC1(Xu)                      # group-wise kxk conv + point-wise conv, c2 channels
         Y2 = [PWC2(Xl), Xl]                              # point-wise conv plus the reused squeezed features
         b1 = exp(S1) / (exp(S1) + exp(S2)),  b2 = 1 - b1 # S = GAP(Y): channel-wise soft attention of the pair
         Y  = b1 ⊙ Y1 + b2 ⊙ Y2
 
-    and the module returns ``act(BN(Y))``. ``b1, b2`` follow the paper's equation (a softmax over the two branches,
-    per channel, b1 + b2 = 1); the authors' code instead softmaxes across all 2·c2 channels at once.
+    and the module returns ``act(BN(Y))``. ``b1, b2`` follow the paper's Eq. 8 (a softmax over the two branches,
+    per channel, b1 + b2 = 1); the unofficial code instead softmaxes across all 2·c2 channels at once.
+
+    Defaults, and where they come from:
+
+    - ``gate_threshold`` t = 0.5: paper Sec. 2.1 ("the threshold is set to 0.5 in the experiments");
+    - ``alpha`` = 1/2: paper Sec. 3.2 (split-ratio study, Fig. 4: the best FLOPs-accuracy trade-off) and the
+      general setting of Sec. 2.3 (alpha = 1/2, r = 2, g = 2);
+    - ``squeeze`` r = 2: paper Sec. 2.2 ("r = 2 is a typical setting in the experiments");
+    - ``group_size`` g = 2 groups of the GWC: paper Sec. 2.2 ("we set group size g = 2 in the experiments");
+    - GroupNorm groups: the paper gives no number. 16 is the unofficial code's SRU default (``group_num=16``; its
+      ``ScConv`` wrapper passed 16, later 4); here it is an upper bound, see below.
 
     Beyond the paper's ``c1 = c2, s = 1``, the CRU maps c1 to c2 with stride s, as ``Conv(c1, c2, k, s)`` does:
 
@@ -52,17 +92,25 @@ class ScConv(nn.Module):
     - squeezed widths come from ``m = min(c1, c2)``: ``su = round(alpha·m) // squeeze``, ``sl = (m - round(alpha·m))
       // squeeze`` (at least 1; ``sl <= c2 - 1`` so PWC2 keeps an output), the paper's ``alpha·C/r`` when c1 = c2;
       narrow outputs thus get narrow squeezes and the module stays below the plain conv's params for any c1, c2;
-    - group counts adapt: GroupNorm uses ``gn_groups`` or the largest divisor of c1 up to 16 (the paper's 16) that
-      leaves 2 channels per group (a one-value group cannot normalise a 1x1 map), the
-      GWC the largest divisor of gcd(su, c2) up to ``group_size`` (the paper's 2); odd channel counts work;
+    - group counts adapt: GroupNorm uses ``gn_groups`` or the largest divisor of c1 up to 16 that leaves 2 channels
+      per group (a one-value group cannot normalise a 1x1 map), the GWC the largest divisor of gcd(su, c2) up to
+      ``group_size``; odd channel counts work;
     - with ``k = 1`` the GWC is itself point-wise and GWC + PWC1 would be one 1x1 conv written twice, so only PWC1 is
       kept.
+
+    The GroupNorm is registered first and keeps ``gamma`` and ``beta`` as (1, c1, 1, 1) tensors, so that a model
+    whose layer 0 is ScConv has c1 along dim 1 of its first parameter: Ultralytics' GFLOPs counter reads the input
+    channels from there. State dicts with the former (c1,) shapes still load.
 
     BN is not folded by ``fuse()``: it follows the input-dependent softmax mix of Y1 and Y2. Since b1 + b2 = 1 the BN
     affine does distribute over both branches, but the reused channels of Y2 are the squeezed features that also feed
     PWC2, so their scale cannot enter any kernel, and the attention would have to undo the scale (division by
     gamma/sigma, undefined where it is 0). ``fuse()`` therefore changes nothing and returns self: exact by
     construction.
+
+    No warm start from a stock ``Conv``: no tensor of SRU or CRU corresponds to a dense kxk kernel, and the stock
+    BN's statistics describe a computation ScConv does not do, so ``convert_from`` raises ``ConversionError`` and the
+    layer starts fresh.
 
     Args:
         c1 (int): Input channels (>= 2).
@@ -108,7 +156,7 @@ class ScConv(nn.Module):
             "or pass None",
         )
 
-        self.gn = nn.GroupNorm(gn_groups, c1)
+        self.gn = GroupNorm4d(gn_groups, c1)  # first: see the class docstring
         self.threshold = gate_threshold
         self.c1, self.half = c1, c1 // 2  # SRU halves: a = c1 - half channels, b = half channels
         self.up = min(max(math.floor(alpha * c1 + 0.5), 1), c1 - 1)
@@ -129,9 +177,9 @@ class ScConv(nn.Module):
 
     def sru(self, x):
         """Spatial reconstruction: GN-gated split into informative/non-informative parts, crossed; (a, b) halves."""
-        gamma = self.gn.weight.abs()
-        w = gamma / gamma.sum().clamp_min(1e-12)  # w ⊙ GN(x) with w folded into GN's affine
-        z = F.group_norm(x, self.gn.num_groups, self.gn.weight * w, self.gn.bias * w, self.gn.eps).sigmoid_()
+        gamma, beta = self.gn.weight.flatten(), self.gn.bias.flatten()  # 1-D in modules pickled before GroupNorm4d
+        w = gamma.abs() / gamma.abs().sum().clamp_min(1e-12)  # w ⊙ GN(x) with w folded into GN's affine
+        z = F.group_norm(x, self.gn.num_groups, gamma * w, beta * w, self.gn.eps).sigmoid_()
         n = torch.rsub(z.detach(), self.threshold).ceil_()  # 1 where W < t (non-informative), else 0: exact
         nx = n.mul_(x)  # in place on intermediates: fewer fresh buffers (autograd saves what it needs)
         x2 = nx * z  # W2 ⊙ X, W2 = where(W >= t, 0, W)
@@ -166,3 +214,9 @@ class ScConv(nn.Module):
     def fuse(self):
         """Keep BN (it follows an input-dependent mix, see the class docstring); nothing to fold, returns self."""
         return self
+
+    def convert_from(self, stock):
+        """No conversion from a stock layer exists (see the class docstring): always raises ``ConversionError``."""
+        raise ConversionError(
+            "SRU/CRU have no dense kxk kernel to take the stock one, and the stock BN statistics belong to that kernel"
+        )

@@ -9,10 +9,11 @@
 
 ``shapes`` is a detection set generated deterministically (seeded NumPy, PNG via OpenCV) into a cache folder: filled
 circles, rectangles, triangles and crosses in random colours on textured backgrounds (gradients, stripes, checkers,
-smoothed noise). A YOLOv8n from scratch learns it on a CPU in minutes, which makes it the offline default and the
-learnability benchmark of ``ablate``: with ablate's settings (imgsz 160, the default 256 + 64 images, 2-core CPU) it
-reaches mAP50 0.45-0.57 after 10 epochs (~75 s) and 0.83-0.90 after 20 (~150 s), two seeds each. Spell it
-``shapes`` or with options, ``shapes:train=16,val=8,imgsz=64,seed=0``.
+smoothed noise), with validation images separate from the training images. A YOLOv8n learns it from scratch on a CPU
+in minutes, which makes it the offline default and the learnability benchmark of the ablation. Spell it ``shapes`` or
+with options, ``shapes:train=16,val=8,imgsz=64,seed=0``.
+
+``same_images(data)`` tells whether a data YAML validates on (some of) its training images, as COCO128 does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
 COCO128 = "coco128.yaml"
 ENV_COCO128 = "CONVPLUG_COCO128"
@@ -210,3 +212,37 @@ def resolve_data(data: str | Path | None = None, verbose: bool = True) -> str:
     if data == "shapes" or data.startswith("shapes:"):
         return str(make_shapes(data))
     return data
+
+
+def split_paths(data: str | Path) -> dict[str, set[Path]]:
+    """The resolved ``train`` and ``val`` entries of a data YAML, by Ultralytics' rules: relative to its ``path:``
+    (else to the YAML's folder; a relative ``path:`` that does not exist is taken under Ultralytics' datasets
+    folder)."""
+    from ultralytics.utils import SETTINGS
+    from ultralytics.utils.checks import check_yaml
+
+    file = Path(check_yaml(str(data)))
+    d = yaml.safe_load(file.read_text()) or {}
+    root = Path(d.get("path") or file.parent)
+    if not root.exists() and not root.is_absolute():
+        root = (Path(SETTINGS["datasets_dir"]) / root).resolve()
+
+    def resolve(entry: str) -> Path:
+        x = (root / entry).resolve()
+        return (root / entry[3:]).resolve() if not x.exists() and entry.startswith("../") else x
+
+    out = {}
+    for split in ("train", "val"):
+        entries = d.get(split) or []
+        out[split] = {resolve(e) for e in ([entries] if isinstance(entries, str) else entries)}
+    return out
+
+
+def same_images(data: str | Path) -> bool | None:
+    """Whether the data YAML validates on an entry (folder or list file) it also trains on, as COCO128 does
+    (``val: images/train2017``); None when the YAML cannot be found or read."""
+    try:
+        paths = split_paths(data)
+    except (OSError, yaml.YAMLError, TypeError, AttributeError):
+        return None
+    return bool(paths["train"] & paths["val"])

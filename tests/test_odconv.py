@@ -1,0 +1,222 @@
+"""ODConv's own math: the batched module against a per-sample reference written from the paper, BN folding, ONNX at
+another batch size, warm start from a stock Conv, the attention's BN at batch 1, argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ultralytics.nn.modules.conv import Conv
+
+from module_checks import onnx_outputs, rel_err
+from yolo_convplug import ConversionError
+from yolo_convplug.modules.odconv import ODConv
+
+# (c1, c2, k, s, p, g, d, kernel_num): groups, depth-wise, dilation, explicit padding, even and 1x1 kernels, n = 1
+VARIANTS = [(16, 32, 3, 2, None, 1, 1, 4), (8, 16, 3, 1, None, 2, 2, 4), (24, 24, 5, 2, 1, 8, 1, 2),
+            (8, 8, 2, 1, None, 1, 1, 3), (32, 32, 1, 1, None, 1, 1, 1), (16, 16, 3, 1, None, 16, 1, 4)]
+
+
+def randomize(m: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial attention heads and BN statistics/affine everywhere, so every attention and BN matters."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("attn_"):
+                p.normal_(0, 0.5)
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def batch_norm(y, bn, training):
+    """BN written out: batch statistics (biased variance) in training, running statistics in eval."""
+    dims = [0] + list(range(2, y.dim()))
+    mean, var = (y.mean(dims), y.var(dims, unbiased=False)) if training else (bn.running_mean, bn.running_var)
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    return (y - mean.view(shape)) / (var.view(shape) + bn.eps).sqrt() * bn.weight.view(shape) + bn.bias.view(shape)
+
+
+def reference(m: ODConv, x: torch.Tensor) -> torch.Tensor:
+    """ODConv one sample at a time, from the paper: the four attentions of the sample, its kernel
+    ``sum_i a_w_i a_s ⊙ W_i`` with ``a_c`` applied to the input and ``a_f`` to the output (as the reference code does,
+    equal to scaling the kernel's input and output channels), the convolution, then BN and SiLU over the batch."""
+    c1, c2, k, g, n = m.c1, m.c2, m.k, m.g, m.weight.shape[0]
+    z = F.relu(batch_norm(x.mean((2, 3)) @ m.fc.weight.T, m.fc_bn, m.training))
+    bank = m.weight.view(n, c2, c1 // g, k, k)
+    outs = []
+    for b in range(x.shape[0]):
+        def head(fc):
+            return (z[b] @ fc.weight.T + fc.bias) / m.temperature
+        a_s = 2 * torch.sigmoid(head(m.attn_spatial)).view(k, k)
+        a_c = 2 * torch.sigmoid(head(m.attn_in))
+        a_f = 2 * torch.sigmoid(head(m.attn_out))
+        a_w = torch.softmax(head(m.attn_kernel), 0) if n > 1 else torch.ones(1)
+        kernel = sum(a_w[i] * a_s * bank[i] for i in range(n))
+        y = F.conv2d(x[b : b + 1] * a_c.view(1, c1, 1, 1), kernel, None, m.s, m.p, m.d, g)
+        outs.append(y * a_f.view(1, c2, 1, 1))
+    return F.silu(batch_norm(torch.cat(outs), m.bn, m.training))
+
+
+def random_conv(c1, c2, k=3, s=1, p=None, g=1, d=1) -> Conv:
+    """A stock Ultralytics Conv with random weights and non-trivial BN statistics, in eval."""
+    conv = Conv(c1, c2, k, s, p, g, d)
+    with torch.no_grad():
+        conv.conv.weight.normal_(0, 0.2)
+        conv.bn.running_mean.uniform_(-1, 1)
+        conv.bn.running_var.uniform_(0.5, 2)
+        conv.bn.weight.uniform_(0.5, 1.5)
+        conv.bn.bias.uniform_(-0.5, 0.5)
+    return conv.eval()
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("c1, c2, k, s, p, g, d, n", VARIANTS)
+def test_matches_per_sample_reference(c1, c2, k, s, p, g, d, n, train):
+    torch.manual_seed(0)
+    m = randomize(ODConv(c1, c2, k, s, p, g, d, kernel_num=n, temperature=1.5)).train(train)
+    x = torch.randn(4, c1, 12, 12)
+    with torch.no_grad():
+        expected = reference(m, x)
+        assert rel_err(m(x), expected) < 1e-5
+
+
+def test_attentions_differ_per_sample_and_have_their_ranges():
+    m = randomize(ODConv(16, 32, 3, kernel_num=4)).eval()
+    a_s, a_c, a_f, a_w = m.attentions(torch.randn(2, 16, 8, 8))
+    assert (a_s.shape, a_c.shape, a_f.shape, a_w.shape) == ((2, 9), (2, 16), (2, 32), (2, 4))
+    assert all(((a > 0) & (a < 2)).all() for a in (a_s, a_c, a_f))
+    torch.testing.assert_close(a_w.sum(1), torch.ones(2))
+    assert not torch.allclose(a_w[0], a_w[1]) and not torch.allclose(a_f[0], a_f[1])
+
+
+def test_eval_output_does_not_depend_on_batch():
+    torch.manual_seed(0)
+    m = randomize(ODConv(16, 32, 3, 2)).eval()
+    x = torch.randn(5, 16, 10, 10)
+    with torch.no_grad():
+        alone = m(x[:1])
+        other = m(torch.cat((x[:1], 10 * torch.randn(3, 16, 10, 10))))
+    torch.testing.assert_close(other[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_a_batch_of_one_uses_running_attention_statistics():
+    torch.manual_seed(0)
+    m = randomize(ODConv(16, 16, 3)).train()
+    before = m.fc_bn.running_mean.clone()
+    x = torch.randn(1, 16, 8, 8)
+    y = m(x)
+    y.sum().backward()
+    assert torch.equal(m.fc_bn.running_mean, before)
+    m.fc_bn.eval()  # the attention's BN in eval, the output BN still on batch statistics: the same computation
+    torch.testing.assert_close(y, m(x))
+
+
+@pytest.mark.parametrize("c1, c2, k, s, p, g, d, n", VARIANTS)
+def test_fuse_is_exact(c1, c2, k, s, p, g, d, n):
+    torch.manual_seed(0)
+    m = randomize(ODConv(c1, c2, k, s, p, g, d, kernel_num=n)).eval()
+    x = torch.randn(3, c1, 10, 10)
+    with torch.no_grad():
+        before = m(x)
+        assert m.fuse() is m and not hasattr(m, "bn")
+        assert rel_err(m(x), before) < 1e-5
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("c1, c2, k, s, p, g, d, n", [VARIANTS[0], VARIANTS[1], VARIANTS[4]])
+def test_onnx_runs_at_any_batch_size(c1, c2, k, s, p, g, d, n, fuse):
+    """Exported at batch 2, run at batches 1 and 3: no batch-size constant in the graph."""
+    torch.manual_seed(0)
+    m = randomize(ODConv(c1, c2, k, s, p, g, d, kernel_num=n)).eval()
+    if fuse:
+        m.fuse()
+    for y, expected in onnx_outputs(m, torch.randn(2, c1, 16, 16)):
+        assert rel_err(y, expected) < 1e-4
+
+
+@pytest.mark.parametrize("c1, c2, k, s, p, g, d, n", VARIANTS)
+def test_converts_exactly_from_conv_without_noise(c1, c2, k, s, p, g, d, n):
+    torch.manual_seed(0)
+    conv = random_conv(c1, c2, k, s, p, g, d)
+    m = randomize(ODConv(c1, c2, k, s, p, g, d, kernel_num=n))  # every tensor is set, whatever it held
+    assert m.convert_from(conv, noise=0) == f"{n} kernels = W, attentions neutral"
+    m.eval()
+    x = torch.randn(3, c1, 12, 12)
+    with torch.no_grad():
+        assert rel_err(m(x), conv(x)) < 1e-5
+        a_s, a_c, a_f, a_w = m.attentions(x)
+    assert all(torch.equal(a, torch.ones_like(a)) for a in (a_s, a_c, a_f))
+    assert a_w is None or torch.allclose(a_w, torch.full_like(a_w, 1 / n), rtol=1e-6, atol=0)
+
+
+def test_default_noise_keeps_the_output_and_lets_the_kernels_diverge():
+    """Identical kernels give the kernel attention a zero gradient forever; the default noise breaks the tie."""
+    torch.manual_seed(0)
+    conv = random_conv(32, 64, 3, 2)
+    x = torch.randn(4, 32, 12, 12)
+    grads = {}
+    for noise in (0.0, 0.01):
+        m = ODConv(32, 64, 3, 2)
+        text = m.convert_from(conv, noise=noise)
+        assert ("1% noise" in text) == bool(noise)
+        with torch.no_grad():
+            assert rel_err(m.eval()(x), conv(x)) < (0.05 if noise else 1e-5)
+        m.train()(x).square().mean().backward()
+        grads[noise] = m.attn_kernel.weight.grad.abs().max().item()
+    assert grads[0.0] == 0 and grads[0.01] > 0
+    assert ODConv(32, 64, 3, 2).convert_from(conv) == "4 kernels = W + 1% noise, attentions neutral"
+
+
+@pytest.mark.parametrize(
+    "stock, match",
+    [
+        (Conv(16, 64, 3, 2), "c2: Conv has 64, ODConv has 32"),
+        (Conv(8, 32, 3, 2), "c1: Conv has 8"),
+        (Conv(16, 32, 1, 2), r"k: Conv has \(1, 1\)"),
+        (Conv(16, 32, 3, 1), r"s: Conv has \(1, 1\)"),
+        (Conv(16, 32, 3, 2, g=2), "g: Conv has 2"),
+        (Conv(16, 32, 3, 2, p=1, d=2), r"d: Conv has \(2, 2\)"),
+        (Conv(16, 32, 3, 2, p=0), r"p: Conv has \(0, 0\)"),
+        (Conv(16, 32, 3, 2, act=False), "activation: Identity"),
+    ],
+)
+def test_conversion_refuses_another_layer_and_leaves_the_module_untouched(stock, match):
+    m = ODConv(16, 32, 3, 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConversionError, match=match):
+        m.convert_from(stock)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_conversion_refuses_a_fused_conv():
+    stock = Conv(16, 32, 3, 2)
+    del stock.bn
+    with pytest.raises(ConversionError, match="fused"):
+        ODConv(16, 32, 3, 2).convert_from(stock)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kernel_num": 0}, "kernel_num"),
+        ({"kernel_num": 2.0}, "kernel_num"),
+        ({"reduction": 0}, "reduction"),
+        ({"reduction": 1.5}, "reduction"),
+        ({"reduction": "1/16"}, "reduction"),
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"g": 3}, "g"),
+        ({"p": -1}, "p"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=rf"ODConv: {match}="):
+        ODConv(**{"c1": 16, "c2": 32, **kwargs})
+
+
+def test_bad_noise_raises_value_error():
+    with pytest.raises(ValueError, match=r"ODConv: noise=-0\.1"):
+        ODConv(16, 32).convert_from(Conv(16, 32, 3), noise=-0.1)

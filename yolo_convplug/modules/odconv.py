@@ -1,0 +1,121 @@
+"""ODConv: Omni-Dimensional Dynamic Convolution (Li, Zhou, Yao, ICLR 2022, openreview.net/forum?id=DmpCfq6Mg39)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..registry import register
+from ._utils import require, resolve_act
+from .condconv import DynamicKernelConv, per_sample_conv_macs
+
+
+@register(role="conv", macs=per_sample_conv_macs, paper="ODConv, Li, Zhou, Yao, ICLR 2022")
+class ODConv(DynamicKernelConv):
+    """Omni-dimensional dynamic convolution with BatchNorm and activation, Ultralytics ``Conv`` convention.
+
+    For every sample ``x`` of the batch, with ``z = ReLU(BN(FC(GAP(x))))`` (FC: c1 -> max(int(c1·reduction), 16),
+    no bias) and ``T`` the temperature::
+
+        a_s = 2·sigmoid(FC_s(z) / T)                # (k, k)  spatial attention
+        a_c = 2·sigmoid(FC_c(z) / T)                # (c1,)   input-channel attention
+        a_f = 2·sigmoid(FC_f(z) / T)                # (c2,)   output-channel (filter) attention
+        a_w = softmax(FC_w(z) / T)                  # (n,)    kernel attention
+        W(x) = sum_i a_w_i · a_s ⊙ a_c ⊙ a_f ⊙ W_i  # W_i of shape (c2, c1/g, k, k), attentions broadcast over it
+        y    = act(BN(conv(x, W(x), stride=s, padding=autopad(k, p, d), dilation=d, groups=g)))
+
+    ``a_s``, ``a_c`` and ``a_f`` are shared by the ``n`` kernels, so ``W(x) = a_s ⊙ a_c ⊙ a_f ⊙ sum_i a_w_i W_i``:
+    one mixture, scaled along the three other kernel dimensions, then the batched per-sample convolution of
+    :class:`DynamicKernelConv` (one grouped convolution; im2col + batched matmul under tracing and export).
+
+    The three sigmoid attentions are ``2·sigmoid``, not the paper's ``sigmoid``: 1 at zero logits, so a layer
+    converted from a ``Conv`` (head weights and biases 0) computes exactly ``W``. Their product is 8 times the
+    paper's, a constant that the BN after the convolution removes. As in the reference code, ``T`` divides all four
+    logits, and with ``n = 1`` (the paper's ODConv 1x) there is no kernel attention. In training with a batch of
+    one, the attention's BN uses its running statistics (one sample has no batch statistics).
+
+    ``fuse()`` folds the output BN into every kernel of the bank and a bias (exact: ``a_f``, like BN's scale, acts
+    per output channel); the attention's BN stays, a (B, hidden) operation.
+
+    Warm start: ``convert_from(conv)`` sets every kernel to the stock kernel plus small noise, the four head
+    weights and biases to 0 (``a_s = a_c = a_f = 1``, ``a_w = 1/n``) and BN to the stock BN: the layer starts as
+    the stock convolution, up to the noise.
+
+    Args:
+        c1 (int): Input channels.
+        c2 (int): Output channels.
+        k (int): Kernel size.
+        s (int): Stride.
+        p (int | None): Padding, ``autopad(k, p, d)`` when None.
+        g (int): Groups; must divide c1 and c2.
+        d (int): Dilation.
+        act (bool | nn.Module): Activation, Ultralytics convention.
+        kernel_num (int): Number of kernels ``n`` (the paper's 1x and 4x use 1 and 4).
+        reduction (float): Width of the attention's hidden layer relative to c1, in (0, 1] (the paper uses 1/16),
+            at least 16.
+        temperature (float): Softmax/sigmoid temperature ``T`` > 0.
+    """
+
+    def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, kernel_num=4, reduction=0.0625,
+                 temperature=1.0):
+        """Build the kernels, the attention branch (shared FC, BN, ReLU and four heads), BN and the activation."""
+        super().__init__(c1, c2, k, s, p, g, d, kernel_num, "kernel_num")
+        name = type(self).__name__
+        require(isinstance(reduction, (int, float)) and not isinstance(reduction, bool) and 0 < reduction <= 1, name,
+                "reduction", reduction, "use a ratio in (0, 1], e.g. 0.0625")
+        require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0, name,
+                "temperature", temperature, "use a number > 0, e.g. 1.0")
+        self.temperature = temperature
+        hidden = max(int(c1 * reduction), 16)
+        self.fc = nn.Linear(c1, hidden, bias=False)
+        self.fc_bn = nn.BatchNorm1d(hidden)
+        self.attn_spatial = nn.Linear(hidden, k * k)
+        self.attn_in = nn.Linear(hidden, c1)
+        self.attn_out = nn.Linear(hidden, c2)
+        self.attn_kernel = nn.Linear(hidden, kernel_num) if kernel_num > 1 else None
+        for fc in (self.fc, self.attn_spatial, self.attn_in, self.attn_out, self.attn_kernel):
+            if fc is not None:  # as the reference code
+                nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
+                if fc.bias is not None:
+                    nn.init.zeros_(fc.bias)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = resolve_act(act)
+
+    def attentions(self, x):
+        """Per-sample ``(a_s (B, k·k), a_c (B, c1), a_f (B, c2), a_w (B, n))``; ``a_w`` is None when n = 1."""
+        z = self.fc(x.mean((2, 3)))
+        if self.training and z.shape[0] == 1:  # one sample has no batch statistics: use the running ones
+            bn = self.fc_bn
+            z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            z = self.fc_bn(z)
+        z = F.relu(z)
+        t = self.temperature
+        a_s, a_c, a_f = (2 * torch.sigmoid(fc(z) / t) for fc in (self.attn_spatial, self.attn_in, self.attn_out))
+        a_w = None if self.attn_kernel is None else torch.softmax(self.attn_kernel(z) / t, 1)
+        return a_s, a_c, a_f, a_w
+
+    def kernels(self, x):
+        """Every sample's kernel ``a_s ⊙ a_c ⊙ a_f ⊙ sum_i a_w_i W_i``, flattened: (B, c2·c1/g·k·k)."""
+        a_s, a_c, a_f, a_w = self.attentions(x)
+        g, c1g, c2g, kk = self.g, self.c1 // self.g, self.c2 // self.g, self.k * self.k
+        bank = self.weight if a_w is None else a_w @ self.weight  # (B or 1, c2·c1/g·k·k)
+        # kernel layout (c2, c1/g, k, k) = (g, c2/g, c1/g, k·k): output channel j·c2/g + o sees inputs j·c1/g + i
+        scale = (a_f.view(-1, g, c2g, 1, 1) * a_c.view(-1, g, 1, c1g, 1)) * a_s.view(-1, 1, 1, 1, kk)
+        return (bank.view(-1, g, c2g, c1g, kk) * scale).flatten(1)
+
+    @torch.no_grad()
+    def convert_from(self, stock: nn.Module, noise: float = 0.01) -> str:
+        """Start from a stock Ultralytics ``Conv``: kernels ``W + noise · std(W) · N(0, 1)``, the four attention
+        heads zero (``a_s = a_c = a_f = 1``, ``a_w = 1/n``), BN copied; returns what it did.
+
+        Raises:
+            ConversionError: a stock layer of another shape, fused, or with another activation.
+        """
+        description = self.convert_bank(stock, noise, "kernels")
+        for head in (self.attn_spatial, self.attn_in, self.attn_out, self.attn_kernel):
+            if head is not None:
+                head.weight.zero_()
+                head.bias.zero_()
+        return f"{description}, attentions neutral"

@@ -1,0 +1,117 @@
+"""How well a stock checkpoint converts into a plug-in model: per-layer fidelity and mAP before any fine-tuning.
+
+``layer_errors(stock, plugin, images)`` runs the stock model on real images, feeds each plug-in layer (converted by
+the warm start, in eval) the input that the stock layer at its index received, and returns
+``||y_plugin - y_stock|| / ||y_stock||`` (Frobenius norms over the batch) per converted layer.
+``check(weights, models, data)`` does that for every model and validates each converted model with Ultralytics'
+validator before any training, next to the stock checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def load_images(data: str, n: int = 16, imgsz: int = 160) -> torch.Tensor:
+    """The first ``n`` validation images of a data YAML, resized to ``imgsz`` square, as a float (n, 3, s, s) batch."""
+    import cv2
+    from ultralytics.data.utils import check_det_dataset
+
+    val = check_det_dataset(data)["val"]
+    files = sorted(p for p in Path(val).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
+    images = [cv2.resize(cv2.imread(str(f)), (imgsz, imgsz))[:, :, ::-1] for f in files]
+    return torch.from_numpy(np.stack(images).copy()).permute(0, 3, 1, 2).float() / 255
+
+
+def _layer_io(model, indices: list[int], x: torch.Tensor) -> dict[int, tuple]:
+    """Inputs and outputs of ``model.model[i]`` for each ``i`` on the batch ``x`` (eval, no grad)."""
+    seen, hooks = {}, []
+    for i in indices:
+        hooks.append(model.model[i].register_forward_hook(lambda m, a, y, i=i: seen.__setitem__(i, (a[0], y))))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def layer_errors(stock, plugin, images: torch.Tensor) -> dict[int, tuple[str, float]]:
+    """Layer index -> (module name, relative error of its output on the stock layer's real input)."""
+    from ..registry import registered
+
+    ours = tuple(e.cls for e in registered().values())
+    indices = [i for i, m in enumerate(plugin.model) if isinstance(m, ours) and type(m) is not type(stock.model[i])]
+    io = _layer_io(stock, indices, images)
+    out = {}
+    with torch.no_grad():
+        for i in indices:
+            x, y = io[i]
+            y_plugin = plugin.model[i].eval()(x)
+            out[i] = (type(plugin.model[i]).__name__, ((y_plugin - y).norm() / y.norm()).item())
+    return out
+
+
+def converted_model(model_yaml: str, stock):
+    """``model_yaml`` built with the stock model's classes and warm-started from it (the ``pretrained=`` path)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(model_yaml, nc=len(stock.names), verbose=False)
+    model.load(stock)
+    model.names = dict(stock.names)
+    model.args = getattr(stock, "args", {})
+    return model.float().eval()
+
+
+def validate(model, data: str, imgsz: int) -> float:
+    """mAP50-95 of an in-memory model with Ultralytics' validator (on a copy: the validator fuses what it gets)."""
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    validator = DetectionValidator(args=dict(data=data, imgsz=imgsz, batch=16, plots=False, verbose=False, workers=0))
+    return float(validator(model=copy.deepcopy(model))["metrics/mAP50-95(B)"])
+
+
+def check(weights: str, models: list[str], data: str, imgsz: int = 160) -> list[dict]:
+    """For each model YAML: mAP50-95 after conversion (no training) vs the stock checkpoint's, and layer errors."""
+    from ultralytics.nn import tasks
+
+    load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
+    stock = load(weights)[0].float().eval()
+    images = load_images(data, imgsz=imgsz)
+    rows = [{"model": Path(weights).name, "mAP50-95": validate(stock, data, imgsz), "layers": {}}]
+    for yaml_name in models:
+        model = converted_model(yaml_name, stock)
+        rows.append({"model": Path(yaml_name).stem, "mAP50-95": validate(model, data, imgsz),
+                     "layers": layer_errors(stock, model, images)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/warm_start_check.py stock.pt [model YAMLs] --data D``: print the conversion table (Markdown)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Load a stock checkpoint into plug-in model YAMLs (the pretrained= path) "
+                                "and report mAP50-95 before any fine-tuning and each converted layer's relative error "
+                                "on the stock model's real activations. About 10 s per model on a 2-core CPU.")
+    p.add_argument("weights", help="a stock Ultralytics checkpoint, e.g. a yolov8n best.pt")
+    p.add_argument("models", nargs="*", help="model YAMLs (default: every shipped yolov8<scale>-*.yaml)")
+    p.add_argument("--data", required=True, help="the data YAML the checkpoint was trained on")
+    p.add_argument("--imgsz", type=int, default=160)
+    p.add_argument("--scale", default="n")
+    a = p.parse_args(argv)
+    cfg = Path(__file__).resolve().parents[1] / "cfg" / "models"
+    models = a.models or [str(cfg / f"yolov8{a.scale}-{y.stem[len('yolov8-'):]}.yaml")
+                          for y in sorted(cfg.glob("yolov8-*.yaml"))]
+    rows = check(a.weights, models, a.data, a.imgsz)
+    base = rows[0]["mAP50-95"]
+    print("| model | mAP50-95 before fine-tuning | vs stock | converted layers: relative error |")
+    print("|---|---:|---:|---|")
+    for r in rows:
+        layers = ", ".join(f"{i} {n} {e:.1e}" for i, (n, e) in r["layers"].items()) or "-"
+        print(f"| {r['model']} | {r['mAP50-95']:.3f} | {r['mAP50-95'] / base:.2f}x | {layers} |")
+    return 0
