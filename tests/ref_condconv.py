@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from yolo_convplug.modules.condconv import CondConv
 
 
 class CondConvLoop(nn.Module):
@@ -42,13 +41,3 @@ class CondConvLoop(nn.Module):
             kernel = sum(r[i] * self.weight[i].view(self.kernel_shape) for i in range(self.weight.shape[0]))
             outs.append(F.conv2d(sample, kernel, None, self.stride, self.padding, self.dilation, self.groups))
         return self.act(self.bn(torch.cat(outs)))
-
-
-def make_reference(c1, c2, k=3, s=1):
-    """The per-sample-loop reference of ``CondConv(c1, c2, k, s)``."""
-    return CondConvLoop(c1, c2, k, s)
-
-
-def make_module(c1, c2, k=3, s=1):
-    """The batched module under test."""
-    return CondConv(c1, c2, k, s)

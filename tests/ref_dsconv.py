@@ -60,8 +60,3 @@ class DSConvNaive(nn.Module):
 
     def forward(self, x):
         return self.act(self.bn(self.conv._conv_forward(x, self.dequantized_weight(), self.cds_bias)))
-
-
-def make_reference(c1, c2, k=3, s=1):
-    """The naive (uncached, looped) reference of ``DSConv2d(c1, c2, k, s)``."""
-    return DSConvNaive(c1, c2, k, s)

@@ -79,9 +79,3 @@ def copy_weights(dst: nn.Module, src: nn.Module) -> nn.Module:
     assert [v.shape for v in src_sd.values()] == [v.shape for v in dst_sd.values()], "layouts differ"
     dst.load_state_dict(dict(zip(dst_sd.keys(), src_sd.values())))
     return dst
-
-
-def make_reference(c1: int, c2: int, n: int = 1, shortcut: bool = True) -> nn.Module:
-    """The naive formulation of ``C2f_Faster(c1, c2, n, shortcut)`` (FasterNet split/cat PConv in a hand-written C2f);
-    ``shortcut`` is C2f's flag, which C2f_Faster ignores: its blocks always add their residual."""
-    return ReferenceC2fFaster(c1, c2, n)

@@ -74,8 +74,3 @@ class ScConvRef(nn.Module):
 
     def forward(self, x):
         return self.act(self.bn(self.cru(self.sru(x))))
-
-
-def make_reference(c1, c2, k=3, s=1):
-    """The literal, full-resolution reference of ``ScConv(c1, c2, k, s)``."""
-    return ScConvRef(c1, c2, k, s)

@@ -64,7 +64,8 @@ def bn_layers(layer: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def second_moment(layer: nn.Module) -> float:
     """The largest ``running_var + running_mean^2`` over the BN layers of ``layer`` (0 without BN)."""
-    return max(((b.running_var.float() + b.running_mean.float() ** 2).max().item() for b in bn_layers(layer)), default=0)
+    moments = ((b.running_var.float() + b.running_mean.float() ** 2).max().item() for b in bn_layers(layer))
+    return max(moments, default=0.0)
 
 
 @pytest.mark.parametrize("kind", ["last", "best"])

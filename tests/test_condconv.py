@@ -13,6 +13,7 @@ from module_checks import bf16_forward, bf16_training_grads_finite, onnx_outputs
 from ref_condconv import CondConvLoop
 from yolo_convplug import ConversionError
 from yolo_convplug.modules.condconv import CondConv
+from yolo_convplug.modules.odconv import ODConv
 
 YOLO_GRID = [(16, 32, 3, 2), (32, 32, 3, 1), (64, 64, 3, 1), (64, 128, 3, 2), (128, 128, 3, 1), (256, 256, 1, 1)]
 # (c1, c2, k, s, p, g, d): groups, dilation, explicit padding and even kernels exercise every path
@@ -233,10 +234,11 @@ def test_default_noise_keeps_the_output_and_separates_the_experts():
     torch.testing.assert_close(deviation, torch.full_like(deviation, 0.01), rtol=0.1, atol=0)
 
 
+@pytest.mark.parametrize("cls", [CondConv, ODConv], ids=lambda c: c.__name__)
 @pytest.mark.parametrize(
     "stock, match",
     [
-        (Conv(16, 64, 3, 2), "c2: Conv has 64, CondConv has 32"),
+        (Conv(16, 64, 3, 2), "c2: Conv has 64, {name} has 32"),
         (Conv(8, 32, 3, 2), "c1: Conv has 8"),
         (Conv(16, 32, 1, 2), r"k: Conv has \(1, 1\)"),
         (Conv(16, 32, 3, 1), r"s: Conv has \(1, 1\)"),
@@ -246,10 +248,11 @@ def test_default_noise_keeps_the_output_and_separates_the_experts():
         (Conv(16, 32, 3, 2, act=False), "activation: Identity"),
     ],
 )
-def test_conversion_refuses_another_layer_and_leaves_the_module_untouched(stock, match):
-    m = CondConv(16, 32, 3, 2)
+def test_conversion_refuses_another_layer_and_leaves_the_module_untouched(cls, stock, match):
+    """Both dynamic convs share the conversion of their kernel bank (DynamicKernelConv)."""
+    m = cls(16, 32, 3, 2)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(ConversionError, match=match):
+    with pytest.raises(ConversionError, match=match.format(name=cls.__name__)):
         m.convert_from(stock)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 

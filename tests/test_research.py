@@ -288,3 +288,12 @@ def test_bench_rejects_unknown_module(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--only", "NoSuchConv"])
     assert "NoSuchConv: not registered" in capsys.readouterr().err
+
+
+def test_ablate_command_line_takes_settings_after_seeds(monkeypatch):
+    """`--seeds 0 1 epochs=10`: the setting after the seeds reaches Ultralytics, the seeds stay integers."""
+    calls = []
+    monkeypatch.setattr(ablate_mod, "ablate", lambda variants, **kw: calls.append((variants, kw)))
+    assert ablate_mod.main(["saconv", "--seeds", "0", "1", "epochs=10", "--out", "x"]) == 0
+    (variants_, kw), = calls
+    assert variants_ == ["saconv"] and kw["seeds"] == [0, 1] and kw["epochs"] == 10 and kw["out"] == "x"

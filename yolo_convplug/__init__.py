@@ -5,7 +5,8 @@ package (``yolo_convplug_autoload.pth``) does the same in every Python process t
 YAMLs can name every module in :func:`registered` (each module file registers its classes where they are defined).
 """
 
-from .integration import ModelYamlError, UnsupportedUltralyticsError, patch_tasks
+from .integration import UnsupportedUltralyticsError, patch_tasks
+from .model_yaml import ModelYamlError
 from .modules import *  # noqa: F403  (importing the module files registers them)
 from .modules import __all__ as _modules
 from .registry import ConversionError, register, registered, unregister

@@ -23,7 +23,7 @@ import inspect
 import sys
 import types
 
-from .model_yaml import ModelYamlError, row_error, rows
+from .model_yaml import row_error, rows
 from .registry import classes_with_role, registered, yaml_parameters
 from .resolve import patch_yaml_lookup
 from .warm_start import patch_load

@@ -45,8 +45,8 @@ class PConv(nn.Module):
 
     PConv keeps the channel count and the resolution, so ``c2`` must equal ``c1`` (or be None) and ``s`` must be 1.
     One split/cat path serves training and inference: it never writes into the input (the paper's in-place
-    "slicing" forward would corrupt a residual taken from the same tensor), and on CPU it measured as fast as or
-    faster than ``clone()`` plus slice assignment (up to 3.8x at 16 channels, 160x160).
+    "slicing" forward would corrupt a residual taken from the same tensor), and its backward is one ``cat`` rather
+    than a ``clone()`` plus slice assignment.
 
     Args:
         c1 (int): Input channels.

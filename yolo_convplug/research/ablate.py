@@ -430,10 +430,10 @@ lr0=0.003, lrf=0.2, one warm-up epoch, nbs=batch); for long runs on real data pa
 epochs=100 optimizer=auto lrf=0.01 warmup_epochs=3 nbs=64, ideally on a GPU.
 
 Examples:
-  python scripts/ablate.py                                  # all variants on shapes, from scratch
-  python scripts/ablate.py baseline saconv --seeds 0 1 2    # mean ± std over three seeds
-  python scripts/ablate.py --pretrained runs/detect/train/weights/best.pt --seeds 0 1
-  python scripts/ablate.py data=coco128.yaml epochs=100 imgsz=640 device=0 --out runs/ablate-coco
+  convplug ablate                                # all variants on shapes, from scratch
+  convplug ablate baseline saconv --seeds 0 1 2  # mean ± std over three seeds
+  convplug ablate --pretrained runs/detect/train/weights/best.pt --seeds 0 1
+  convplug ablate data=coco128.yaml epochs=100 imgsz=640 device=0 --out runs/ablate-coco
 """
 
 
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(default_variants())
     shipped = "\n".join(f"  {f}: {', '.join(slugs(f))}" for f in families())
     p = argparse.ArgumentParser(
-        prog="ablate",
+        prog="convplug ablate",
         description=HELP.format(slugs=shipped, n=n, low=round(n * 3.5), high=round(n * 4.3)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pretrained", metavar="WEIGHTS", help="fine-tune every variant and the baseline from these weights"
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (several give mean ± std)")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="training seeds (several give mean ± std)")
     p.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
     p.add_argument("--family", default=DEFAULT_FAMILY, choices=families(), help="model family (default yolov8)")
     p.add_argument("--scale", default="n", help="scale letter for the baseline and short variant names (default n)")
@@ -468,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-threads", type=int, default=1, help="torch threads for CPU latency (default 1)")
     p.add_argument("--verbose", action="store_true", help="show Ultralytics' output instead of writing train.log")
     a = p.parse_intermixed_args(argv)
+    # `--seeds 0 1 epochs=10`: --seeds takes every word up to the next option; the words that are no seed go back
+    seeds = [int(x) for x in a.seeds if x.lstrip("-").isdigit()]
+    a.args += [x for x in a.seeds if not x.lstrip("-").isdigit()]
     try:
         kw = parse_overrides([x for x in a.args if "=" in x])
         data = kw.pop("data", a.data)
@@ -478,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             [x for x in a.args if "=" not in x] or None,
             data=None if data == "coco128" else data,
             out=kw.pop("out", a.out),
-            seeds=[seed] if isinstance(seed, int) else a.seeds,
+            seeds=[seed] if isinstance(seed, int) else seeds,
             scale=a.scale,
             family=a.family,
             latency_runs=a.latency_runs,

@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     """``convplug bench`` / ``scripts/bench_modules.py``: measure, print the table, write the CSV; 0 unless a
     measurement failed."""
     p = argparse.ArgumentParser(
-        prog="bench",
-        description=__doc__.split("\n\n")[0],
-        epilog="examples:\n  bench_modules.py              # every module, every shape\n"
-        "  bench_modules.py --quick --only CondConv PConv",
+        prog="convplug bench",
+        description=__doc__.split("\n\n")[0] + " Time: a few minutes on a 2-core CPU for every module and shape; "
+        "--quick and --only cut that down.",
+        epilog="examples:\n  convplug bench                # every module, every shape\n"
+        "  convplug bench --quick --only CondConv PConv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--only", nargs="+", metavar="MODULE", help="registered module names to run (default: all)")
