@@ -138,7 +138,7 @@ def test_report_same_images_and_single_seed_noise(tmp_path):
     assert "not measured: rerun with --seeds 0 1 2" in md and "beyond spread" not in md
     md = write_results(rows, tmp_path, Protocol("shapes", 20, 160, (0,), same_images=False, seed_spread=0.031))[1]
     text = md.read_text()
-    assert "training images" not in text and "seed spread (std of the baseline's mAP50-95 over seeds) is 0.031" in text
+    assert "training images" not in text and "seed spread (std of mAP50-95 over seeds, pooled over the default variants) is 0.031" in text
 
 
 def test_report_several_seeds_marks_beyond_spread(tmp_path, figures):

@@ -34,7 +34,7 @@ GUARD_ABS = 0.001  # gaps that the 3-decimal tables cannot show are not flagged
 class Protocol:
     """What an ablation ran: the data as the user named it, epochs, image size, seeds, and the weights every run was
     fine-tuned from (None: from scratch). ``same_images``: the data validates on training images (None: unknown).
-    ``seed_spread``: the measured std of the baseline's mAP50-95 over seeds for this protocol (None: not measured)."""
+    ``seed_spread``: the measured std of mAP50-95 over seeds for this protocol (None: not measured)."""
 
     data: str
     epochs: int
@@ -133,7 +133,8 @@ def notes(summary: list[dict], protocol: Protocol) -> list[str]:
         )
     else:
         spread = (
-            f"this protocol's seed spread (std of the baseline's mAP50-95 over seeds) is {protocol.seed_spread:.3f}"
+            f"this protocol's seed spread (std of mAP50-95 over seeds, pooled over the default variants) is "
+            f"{protocol.seed_spread:.3f}"
             if protocol.seed_spread is not None
             else "the seed spread of this protocol is not measured: rerun with --seeds 0 1 2 to see it"
         )
