@@ -72,6 +72,24 @@ def bn_input_variance(m, x):
 # --- the SAC math against the reference ------------------------------------------------------------------------
 
 
+def assert_matches_reference(m, ref, x, ref_grads=lambda ref: {n: p.grad for n, p in ref.named_parameters()}):
+    """``m`` and ``ref`` agree in train and eval: outputs, input gradients and every parameter's gradient
+    (``ref_grads`` maps the reference's gradients to the module's parameter names)."""
+    for mode in (True, False):
+        m.train(mode), ref.train(mode)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = m(xa), ref(xb)
+        assert rel_err(ya, yb) < 1e-5
+        g = torch.randn_like(ya)
+        ya.backward(g), yb.backward(g)
+        assert rel_err(xa.grad, xb.grad) < 1e-4
+        grads = ref_grads(ref)
+        floor = 1e-2 * max(g.abs().max() for g in grads.values())  # BN zeroes some grads: rounding
+        for name, p in m.named_parameters():
+            assert rel_err(p.grad, grads[name], floor) < 2e-4, name  # float32 sums over B*H*W
+        m.zero_grad(), ref.zero_grad()
+
+
 def test_matches_naive_reference_outputs_and_gradients():
     """Two explicit F.conv2d (dilation d and 3d), DetectoRS standardisation by autograd: same outputs and grads."""
     torch.manual_seed(0)
@@ -79,21 +97,7 @@ def test_matches_naive_reference_outputs_and_gradients():
         m = perturbed(SAConv2d(c1, c2, k, s))
         with torch.no_grad():
             m.conv.weight.add_(0.05)  # a non-zero filter mean exercises the standardisation gradient
-        ref = load_from_module(SAConvNaive(c1, c2, k, s), m)
-        x = torch.randn(3, c1, hw, hw)
-        for mode in (True, False):
-            m.train(mode), ref.train(mode)
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            ya, yb = m(xa), ref(xb)
-            assert rel_err(ya, yb) < 1e-5
-            g = torch.randn_like(ya)
-            ya.backward(g), yb.backward(g)
-            assert rel_err(xa.grad, xb.grad) < 1e-4
-            ref_params = dict(ref.named_parameters())
-            floor = 1e-2 * max(p.grad.abs().max() for p in ref.parameters())  # BN zeroes some grads: rounding
-            for name, p in m.named_parameters():
-                assert rel_err(p.grad, ref_params[name].grad, floor) < 2e-4, name  # float32 sums over B*H*W
-            m.zero_grad(), ref.zero_grad()
+        assert_matches_reference(m, load_from_module(SAConvNaive(c1, c2, k, s), m), torch.randn(3, c1, hw, hw))
 
 
 def test_switch_blends_the_two_dilations():
@@ -304,22 +308,15 @@ def test_deformable_module_matches_sampling_reference_outputs_and_gradients():
             m.offset.weight.mul_(10)  # offsets of about a pixel: fractional positions, some outside the map
             m.offset.bias.uniform_(-1, 1)
         ref = load_from_module(SAConvNaive(c1, c2, k, s, d, deform=True), m)
-        x = torch.randn(2, c1, *hw)
-        for mode in (True, False):
-            m.train(mode), ref.train(mode)
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            ya, yb = m(xa), ref(xb)
-            assert rel_err(ya, yb) < 1e-5
-            g = torch.randn_like(ya)
-            ya.backward(g), yb.backward(g)
-            assert rel_err(xa.grad, xb.grad) < 1e-4
-            ref_grads = {name: p.grad for name, p in ref.named_parameters()}
-            for name in ("weight", "bias"):  # the module's one offset conv holds offset_s, then offset_l
-                ref_grads[f"offset.{name}"] = torch.cat([ref_grads.pop(f"offset_{b}.{name}") for b in "sl"])
-            floor = 1e-2 * max(g.abs().max() for g in ref_grads.values())  # BN zeroes some grads: rounding
-            for name, p in m.named_parameters():
-                assert rel_err(p.grad, ref_grads[name], floor) < 1e-4, name
-            m.zero_grad(), ref.zero_grad()
+        assert_matches_reference(m, ref, torch.randn(2, c1, *hw), offset_grads_as_one_conv)
+
+
+def offset_grads_as_one_conv(ref):
+    """The reference's gradients, its offset_s and offset_l convs joined as the module's one offset conv."""
+    grads = {name: p.grad for name, p in ref.named_parameters()}
+    for name in ("weight", "bias"):
+        grads[f"offset.{name}"] = torch.cat([grads.pop(f"offset_{b}.{name}") for b in "sl"])
+    return grads
 
 
 def test_deformable_offsets_get_gradients_and_learn():
