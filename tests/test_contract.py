@@ -32,6 +32,7 @@ from module_checks import (
 )
 
 import yolo_convplug  # noqa: F401  (registers the built-in modules)
+from yolo_convplug.modules._utils import fuse_convs
 from yolo_convplug.registry import ConversionError, registered, replaced_classes
 
 ENTRIES = registered()
@@ -411,24 +412,11 @@ def mismatched_stock_args(case: Case) -> list[tuple]:
     return out
 
 
-def fused_(stock: nn.Module) -> nn.Module:
-    """Fold the BN of every Ultralytics ``Conv`` in ``stock``, as ``BaseModel.fuse`` does."""
-    from ultralytics.nn.modules import Conv
-    from ultralytics.utils.torch_utils import fuse_conv_and_bn
-
-    for m in stock.modules():
-        if isinstance(m, Conv) and hasattr(m, "bn"):
-            m.conv = fuse_conv_and_bn(m.conv, m.bn)
-            delattr(m, "bn")
-            m.forward = m.forward_fuse
-    return stock
-
-
 @cases
 def test_conversion_from_mismatched_stock_raises(case: Case):
     """A stock layer of another geometry (another scale's checkpoint), or a fused one (no BN statistics to take),
     raises ConversionError: the layer stays fresh."""
     converted(case, random_stock(case))  # skips modules without a conversion
-    for stock in [random_stock(case, args) for args in mismatched_stock_args(case)] + [fused_(random_stock(case))]:
+    for stock in [random_stock(case, args) for args in mismatched_stock_args(case)] + [fuse_convs(random_stock(case))]:
         with pytest.raises(ConversionError):
             case.build().convert_from(stock)

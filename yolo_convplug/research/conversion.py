@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python scripts/warm_start_check.py stock.pt [model YAMLs] --data D``: print the conversion table (Markdown)."""
     import argparse
 
+    from .variants import resolve_variant, slugs
+
     p = argparse.ArgumentParser(description="Load a stock checkpoint into plug-in model YAMLs (the pretrained= path) "
                                 "and report mAP50-95 before any fine-tuning and each converted layer's relative error "
                                 "on the stock model's real activations. About 10 s per model on a 2-core CPU.")
@@ -104,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--scale", default="n")
     a = p.parse_args(argv)
-    cfg = Path(__file__).resolve().parents[1] / "cfg" / "models"
-    models = a.models or [str(cfg / f"yolov8{a.scale}-{y.stem[len('yolov8-'):]}.yaml")
-                          for y in sorted(cfg.glob("yolov8-*.yaml"))]
+    models = a.models or [resolve_variant(slug, scale=a.scale).model for slug in slugs()]
     rows = check(a.weights, models, a.data, a.imgsz)
     base = rows[0]["mAP50-95"]
     print("| model | mAP50-95 before fine-tuning | vs stock | converted layers: relative error |")

@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CFG_MODELS = Path(__file__).resolve().parents[1] / "cfg" / "models"
+from ..resolve import CFG_MODELS
+
 DEFAULT_FAMILY = "yolov8"
 SCALES = "nsmlx"
 _SCALED = re.compile(rf"(?P<family>.+?)(?P<scale>[{SCALES}])-(?P<slug>.+)\.ya?ml")
