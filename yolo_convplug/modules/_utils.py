@@ -31,12 +31,39 @@ def require(condition: bool, module: str, argument: str, value, fix: str) -> Non
 def require_int(module: str, argument: str, value, minimum: int = 1) -> None:
     """Check that ``value`` is an int (bools excluded) of at least ``minimum``."""
     require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        _is_int(value) and value >= minimum,
         module,
         argument,
         value,
         f"it must be an integer >= {minimum}",
     )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_number(module: str, argument: str, value, low: float, high: float, fix: str,
+                   low_open: bool = False, high_open: bool = False) -> None:
+    """Check that ``value`` is a real number (bools excluded) in [low, high]; ``*_open`` excludes that end."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    require(ok, module, argument, value, fix)
+
+
+def check_conv_args(module: str, c1, c2, k, s, p=None, g=1, d=1, min_channels: int = 1) -> None:
+    """The checks every conv-role module makes of the Ultralytics ``Conv(c1, c2, k, s, p, g, d)`` arguments.
+
+    ``c1``, ``c2``, ``k``, ``s``, ``g``, ``d`` are integers >= 1 (``c1``/``c2`` >= ``min_channels``), ``p`` is
+    ``None`` (``autopad``) or an integer >= 0, and ``g`` divides both channel counts. A module with further limits
+    (odd ``k``, ``g == 1``, "same" padding) checks them after this call.
+    """
+    for argument, value in (("c1", c1), ("c2", c2)):
+        require_int(module, argument, value, min_channels)
+    for argument, value in (("k", k), ("s", s), ("g", g), ("d", d)):
+        require_int(module, argument, value)
+    require(p is None or (_is_int(p) and p >= 0), module, "p", p, "use None (autopad) or an integer >= 0")
+    require(c1 % g == 0 and c2 % g == 0, module, "g", g, f"groups must divide c1={c1} and c2={c2}")
 
 
 def fuse_convs(module: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ultralytics.nn.modules.conv import autopad
 
 from ..registry import ConversionError, register
-from ._utils import require, require_int, resolve_act
+from ._utils import check_conv_args, require_int, require_number, resolve_act
 
 
 def per_sample_conv_macs(m, x, y):
@@ -49,11 +49,8 @@ class DynamicKernelConv(nn.Module):
         builds what computes ``kernels(x)``, then ``self.bn`` (BatchNorm2d(c2)) and ``self.act``."""
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("c1", c1), ("c2", c2), ("k", k), ("s", s), ("g", g), ("d", d), (n_name, n)):
-            require_int(name, arg, value)
-        require(p is None or (isinstance(p, int) and not isinstance(p, bool) and p >= 0), name, "p", p,
-                "use None (autopad) or an integer >= 0")
-        require(c1 % g == 0 and c2 % g == 0, name, "g", g, f"groups must divide c1={c1} and c2={c2}")
+        check_conv_args(name, c1, c2, k, s, p, g, d)
+        require_int(name, n_name, n)
         self.c1, self.c2, self.k, self.s, self.g, self.d = c1, c2, k, s, g, d
         self.p = autopad(k, p, d)
         # one flattened kernel (c2, c1/g, k, k) per row: 2-D, so Ultralytics' channels_last conversion leaves it be
@@ -116,8 +113,7 @@ class DynamicKernelConv(nn.Module):
                 activation.
         """
         name = type(self).__name__
-        require(isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise >= 0, name, "noise", noise,
-                "use a fraction of the kernel's std >= 0 (0: exact copies)")
+        require_number(name, "noise", noise, 0, float("inf"), "use a fraction of the kernel's std >= 0 (0: exact copies)")
         conv, bn = stock.conv, getattr(stock, "bn", None)
         if bn is None:
             raise ConversionError(f"the {type(stock).__name__} is fused (no BN to copy); convert before fusing")
@@ -176,8 +172,7 @@ class CondConv(DynamicKernelConv):
     def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, experts=8, dropout=0.0):
         """Build the expert kernels, the routing layer, BN and the activation."""
         super().__init__(c1, c2, k, s, p, g, d, experts, "experts")
-        require(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
-                type(self).__name__, "dropout", dropout, "use a rate in [0, 1)")
+        require_number(type(self).__name__, "dropout", dropout, 0, 1, "use a rate in [0, 1)", high_open=True)
         self.dropout = nn.Dropout(dropout)
         self.routing = nn.Linear(c1, experts)
         self.bn = nn.BatchNorm2d(c2)

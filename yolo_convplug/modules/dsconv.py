@@ -15,7 +15,7 @@ from ultralytics.nn.modules.conv import autopad
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
-from ._utils import require, require_int, resolve_act
+from ._utils import check_conv_args, require, require_int, resolve_act
 
 MODES = ("ste", "shift")
 
@@ -92,10 +92,7 @@ class DSConv2d(nn.Module):
         """Build the layer; ``bits`` in 2..8, ``block_size`` >= 1 input channels, ``mode`` "ste" or "shift"."""
         super().__init__()
         name = type(self).__name__
-        for argument, value in (("c1", c1), ("c2", c2), ("k", k), ("s", s), ("g", g), ("d", d)):
-            require_int(name, argument, value)
-        require(p is None or (isinstance(p, int) and p >= 0), name, "p", p, "use None (same padding) or an int >= 0")
-        require(c1 % g == 0 and c2 % g == 0, name, "g", g, f"groups must divide c1={c1} and c2={c2}")
+        check_conv_args(name, c1, c2, k, s, p, g, d)
         require(
             isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8,
             name,

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register
-from ._utils import require, resolve_act
+from ._utils import require_number, resolve_act
 from .condconv import DynamicKernelConv, per_sample_conv_macs
 
 
@@ -62,10 +62,8 @@ class ODConv(DynamicKernelConv):
         """Build the kernels, the attention branch (shared FC, BN, ReLU and four heads), BN and the activation."""
         super().__init__(c1, c2, k, s, p, g, d, kernel_num, "kernel_num")
         name = type(self).__name__
-        require(isinstance(reduction, (int, float)) and not isinstance(reduction, bool) and 0 < reduction <= 1, name,
-                "reduction", reduction, "use a ratio in (0, 1], e.g. 0.0625")
-        require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0, name,
-                "temperature", temperature, "use a number > 0, e.g. 1.0")
+        require_number(name, "reduction", reduction, 0, 1, "use a ratio in (0, 1], e.g. 0.0625", low_open=True)
+        require_number(name, "temperature", temperature, 0, float("inf"), "use a number > 0, e.g. 1.0", low_open=True)
         self.temperature = temperature
         hidden = max(int(c1 * reduction), 16)
         self.fc = nn.Linear(c1, hidden, bias=False)

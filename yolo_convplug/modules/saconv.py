@@ -16,7 +16,7 @@ from torchvision.ops import deform_conv2d
 from ultralytics.nn.modules.conv import autopad
 
 from ..registry import ConversionError, register
-from ._utils import require, require_int, resolve_act
+from ._utils import check_conv_args, require, resolve_act
 
 
 def _context(x, conv):
@@ -149,10 +149,8 @@ class SAConv2d(nn.Module):
         """Build the layer; see the class docstring. ``k`` must be odd and ``p`` "same" so both branches align."""
         super().__init__()
         name = type(self).__name__
-        for argument, value in (("c1", c1), ("c2", c2), ("k", k), ("s", s), ("g", g), ("d", d)):
-            require_int(name, argument, value)
+        check_conv_args(name, c1, c2, k, s, None, g, d)
         require(k % 2 == 1, name, "k", k, "SAConv2d needs an odd kernel size (1, 3, 5, ...) so the switch aligns")
-        require(c1 % g == 0 and c2 % g == 0, name, "g", g, f"groups must divide c1={c1} and c2={c2}")
         require(
             p is None or p == autopad(k, None, d),
             name,

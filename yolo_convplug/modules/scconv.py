@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ultralytics.nn.modules.conv import autopad
 
 from ..registry import ConversionError, register
-from ._utils import require, require_int, resolve_act
+from ._utils import check_conv_args, require, require_int, require_number, resolve_act
 
 
 class GroupNorm4d(nn.GroupNorm):
@@ -134,16 +134,13 @@ class ScConv(nn.Module):
         """Build the SRU GroupNorm, the CRU convolutions, BN and the activation."""
         super().__init__()
         name = type(self).__name__
-        for arg, value, low in (("c1", c1, 2), ("c2", c2, 2), ("k", k, 1), ("s", s, 1), ("d", d, 1),
-                                ("squeeze", squeeze, 1), ("group_size", group_size, 1)):
-            require_int(name, arg, value, low)
-        require(p is None or (isinstance(p, int) and not isinstance(p, bool) and p >= 0), name, "p", p,
-                "use None (autopad) or an integer >= 0")
+        check_conv_args(name, c1, c2, k, s, p, g, d, min_channels=2)
         require(g == 1, name, "g", g, "use g=1; the grouping of ScConv's kxk conv is set by group_size")
-        require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1, name, "alpha",
-                alpha, "use a fraction in (0, 1)")
-        require(isinstance(gate_threshold, (int, float)) and not isinstance(gate_threshold, bool)
-                and 0 < gate_threshold < 1, name, "gate_threshold", gate_threshold, "use a value in (0, 1)")
+        require_int(name, "squeeze", squeeze)
+        require_int(name, "group_size", group_size)
+        require_number(name, "alpha", alpha, 0, 1, "use a fraction in (0, 1)", low_open=True, high_open=True)
+        require_number(name, "gate_threshold", gate_threshold, 0, 1, "use a value in (0, 1)", low_open=True,
+                       high_open=True)
         if gn_groups is None:
             gn_groups = largest_divisor(c1, min(16, c1 // 2))
         require_int(name, "gn_groups", gn_groups)
