@@ -6,5 +6,8 @@ from .faster import C2f_Faster, FasterBlock, PConv
 from .odconv import ODConv
 from .saconv import SAConv2d
 from .scconv import ScConv
+from .spconv import SPConv
+from .spdconv import SPDConv
 
-__all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster")
+__all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster",
+           "SPDConv", "SPConv")
