@@ -1,5 +1,6 @@
 """The convolution modules of yolo-convplug, one concept a file; importing a file registers its classes."""
 
+from .akconv import AKConv
 from .condconv import CondConv
 from .dsconv import DSConv2d
 from .faster import C2f_Faster, FasterBlock, PConv
@@ -10,4 +11,4 @@ from .spconv import SPConv
 from .spdconv import SPDConv
 
 __all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster",
-           "SPDConv", "SPConv")
+           "SPDConv", "SPConv", "AKConv")
