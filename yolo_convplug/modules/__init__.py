@@ -3,6 +3,7 @@
 from .akconv import AKConv
 from .condconv import CondConv
 from .dsconv import DSConv2d
+from .dysnake import DySnakeConv
 from .faster import C2f_Faster, FasterBlock, PConv
 from .odconv import ODConv
 from .saconv import SAConv2d
@@ -11,4 +12,4 @@ from .spconv import SPConv
 from .spdconv import SPDConv
 
 __all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster",
-           "SPDConv", "SPConv", "AKConv")
+           "SPDConv", "SPConv", "AKConv", "DySnakeConv")
