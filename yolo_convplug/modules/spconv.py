@@ -41,7 +41,8 @@ class SPConv(nn.Module):
     the official module has no BN after the fusion (its ResNet puts one there), ours is the ``Conv`` convention's.
     The pooling rounds up (``ceil_mode``, averaging the pixels inside the map), so odd maps give the
     ``ceil(H / s)`` pixels of the strided convolution. ``fuse()`` folds ``BN_r`` and ``BN_u`` into their convolutions
-    (the fusion sees the same ``R`` and ``U``); the final BN stays, being after the data-dependent fusion.
+    (the fusion sees the same ``R`` and ``U``) and the final BN, which follows the data-dependent fusion, into a
+    per-channel scale and shift.
 
     There is no conversion from a stock ``Conv``: the stock kernel has no counterpart in the split (the redundant
     channels only get a 1x1, the representative ones a grouped kernel), so a warm start leaves the layer to the
@@ -91,10 +92,21 @@ class SPConv(nn.Module):
         """Split, both branches, parameter-free fusion, BatchNorm and activation."""
         return self.act(self.bn(self._fused_branches(x)))
 
+    def forward_fuse(self, x):
+        """Fused inference: branch BNs folded, the final BN as a per-channel scale and shift."""
+        return self.act(torch.addcmul(self.fused_shift, self._fused_branches(x), self.fused_scale))
+
+    @torch.no_grad()
     def fuse(self):
-        """Fold the two branch BNs into their convolutions (exact in eval); the final BN stays."""
+        """Fold the two branch BNs into their convolutions and the final BN into a per-channel affine (exact in
+        eval): the final BN follows the input-dependent fusion, so no convolution can absorb it."""
         if hasattr(self, "rep_bn"):
             self.gwc, self.pwc = _fold_bn_into_sum(self.gwc, self.pwc, self.rep_bn)
             self.cheap = fuse_conv_and_bn(self.cheap, self.red_bn)
-            del self.rep_bn, self.red_bn
+            bn = self.bn
+            scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+            self.register_buffer("fused_scale", scale.view(-1, 1, 1))
+            self.register_buffer("fused_shift", (bn.bias - bn.running_mean * scale).view(-1, 1, 1))
+            del self.rep_bn, self.red_bn, self.bn
+            self.forward = self.forward_fuse
         return self
