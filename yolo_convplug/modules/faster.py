@@ -168,6 +168,8 @@ class C2f_Faster(C2f):
         drop_path (float): Stochastic-depth probability of every FasterBlock.
     """
 
+    conversion_error = None  # approximate: identity FasterBlocks stand in for the stock bottlenecks
+
     def __init__(
         self,
         c1: int,

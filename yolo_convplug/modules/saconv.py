@@ -144,6 +144,7 @@ class SAConv2d(nn.Module):
     """
 
     deform = False  # the default for modules pickled before ``deform`` existed (old checkpoints)
+    conversion_error = 1e-5  # convert_from is exact: W_hat = W, switch 1, contexts and dW zero
 
     def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, deform=False):
         """Build the layer; see the class docstring. ``k`` must be odd and ``p`` "same" so both branches align."""
