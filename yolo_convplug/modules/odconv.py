@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register
-from ._utils import require_number, resolve_act
-from .condconv import DynamicKernelConv, per_sample_conv_macs
+from ._utils import require_number
+from .dynamic import DynamicKernelConv, per_sample_conv_macs
 
 
 @register(role="conv", macs=per_sample_conv_macs, paper="ODConv, Li, Zhou, Yao, ICLR 2022")
@@ -80,8 +80,7 @@ class ODConv(DynamicKernelConv):
                 nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
                 if fc.bias is not None:
                     nn.init.zeros_(fc.bias)
-        self.bn = nn.BatchNorm2d(c2)
-        self.act = resolve_act(act)
+        self.build_output(act)
 
     def attentions(self, x):
         """Per-sample ``(a_s (B, k·k), a_c (B, c1), a_f (B, c2), a_w (B, n))``; ``a_w`` is None when n = 1."""
