@@ -98,8 +98,8 @@ class AKConv(nn.Module):
             rows, cols = (torch.arange(size, device=x.device, dtype=torch.float32) * self.stride for size in (h, w))
             rows = rows.view(1, 1, -1, 1) + offset.new_tensor(self.point_rows).view(1, n, 1, 1) + offset[:, :n]
             cols = cols.view(1, 1, 1, -1) + offset.new_tensor(self.point_cols).view(1, n, 1, 1) + offset[:, n:]
-            stack = lambda t: t.transpose(1, 2).reshape(b, h * n, w)  # noqa: E731  (B, N, h, w) -> (B, h N, w)
-            return sample_bilinear(x, stack(rows), stack(cols))
+            rows, cols = (t.transpose(1, 2).reshape(b, h * n, w) for t in (rows, cols))  # (B, N, h, w) -> (B, h N, w)
+            return sample_bilinear(x, rows, cols)
 
     def forward(self, x):
         """Offsets, bilinear sampling, the ``(N, 1)`` point convolution, BatchNorm and activation."""
