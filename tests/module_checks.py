@@ -52,15 +52,15 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def onnx_outputs(module: torch.nn.Module, example: torch.Tensor, batches=(1, 3)):
-    """Export ``module`` (eval) at ``example``'s batch with a dynamic batch axis (TorchScript exporter, opset 17) and
+def onnx_outputs(module: torch.nn.Module, example: torch.Tensor, batches=(1, 3), opset: int = 17):
+    """Export ``module`` (eval) at ``example``'s batch with a dynamic batch axis (TorchScript exporter, ``opset``) and
     yield ``(onnxruntime output, PyTorch output)`` for random inputs of each batch size in ``batches``."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), f, dynamo=False, opset_version=17, input_names=["x"],
+        torch.onnx.export(module, (example,), f, dynamo=False, opset_version=opset, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     session = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
     for batch in batches:

@@ -155,9 +155,17 @@ def deployable(case: Case, fused: bool) -> nn.Module:
 @cases
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_onnx_parity_at_dynamic_batch(case: Case, fused: bool):
-    """Exported at batch 2 with a dynamic batch axis, onnxruntime matches PyTorch at batches 1 and 3."""
+    """Exported at batch 2 with a dynamic batch axis, onnxruntime matches PyTorch at batches 1 and 3. At opset 17,
+    or at the opset that a module's export error names (deformable convolution: ONNX DeformConv, opset 19)."""
     m = deployable(case, fused)
-    for y, expected in onnx_outputs(m, case.input()):
+    try:
+        outputs = list(onnx_outputs(m, case.input()))
+    except RuntimeError as e:
+        needed = re.search(r"export with opset=(\d+)", str(e))
+        if needed is None:
+            raise
+        outputs = list(onnx_outputs(m, case.input(), opset=int(needed[1])))
+    for y, expected in outputs:
         assert y.shape == expected.shape
         # a hard gate (ScConv's SRU threshold) may flip where the runtimes round differently: allow 0.1% of elements
         close = torch.isclose(y, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -405,7 +413,8 @@ def test_conversion_from_stock_keeps_its_function(case: Case):
 
 
 def mismatched_stock_args(case: Case) -> list[tuple]:
-    """Stock arguments that differ from the module's geometry in one respect: c1, c2, and k, s or n."""
+    """Stock arguments that differ from the module's geometry in one respect: c1, c2, and n, or k, s, p, g, d and
+    the activation (``Conv(c1, c2, k, s, p, g, d, act)``)."""
     args = case.stock_args()
     c1, c2, *rest = args
     out = [(2 * c1, c2, *rest), (c1, 2 * c2, *rest)] if case.role != "keep" else [(2 * c1, 2 * c1)]
@@ -413,15 +422,22 @@ def mismatched_stock_args(case: Case) -> list[tuple]:
         out.append((c1, c2, args[2] + 1))
     elif case.role == "conv" and takes_kernel_and_stride(case.cls):
         k, s = rest
-        out += [(c1, c2, k + 2, s), (c1, c2, k, 3 - s if s in (1, 2) else 1)]
+        out += [(c1, c2, k + 2, s), (c1, c2, k, 3 - s if s in (1, 2) else 1), (c1, c2, k, s, k // 2 + 1),
+                (c1, c2, k, s, None, 2), (c1, c2, k, s, None, 1, 2), (c1, c2, k, s, None, 1, 1, False)]
     return out
 
 
 @cases
 def test_conversion_from_mismatched_stock_raises(case: Case):
-    """A stock layer of another geometry (another scale's checkpoint), or a fused one (no BN statistics to take),
-    raises ConversionError: the layer stays fresh."""
+    """A stock layer of another geometry (another scale's checkpoint) or activation, or a fused one (no BN
+    statistics to take), raises ConversionError and leaves the layer as it was (fresh)."""
     converted(case, random_stock(case))  # skips modules without a conversion
     for stock in [random_stock(case, args) for args in mismatched_stock_args(case)] + [fuse_convs(random_stock(case))]:
-        with pytest.raises(ConversionError):
-            case.build().convert_from(stock)
+        m = case.build()
+        before = copy.deepcopy(m.state_dict())
+        try:
+            description = m.convert_from(stock)
+        except ConversionError:
+            assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items()), "a refused conversion changed it"
+        else:
+            pytest.fail(f"converted from a stock layer of another geometry or activation: {stock} ({description})")

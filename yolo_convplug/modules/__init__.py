@@ -2,6 +2,7 @@
 
 from .akconv import AKConv
 from .condconv import CondConv
+from .dcnv2 import DCNv2
 from .dsconv import DSConv2d
 from .dysnake import DySnakeConv
 from .faster import C2f_Faster, FasterBlock, PConv
@@ -12,4 +13,4 @@ from .spconv import SPConv
 from .spdconv import SPDConv
 
 __all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster",
-           "SPDConv", "SPConv", "AKConv", "DySnakeConv")
+           "SPDConv", "SPConv", "AKConv", "DySnakeConv", "DCNv2")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ultralytics.nn.modules.conv import autopad
 
-from ..registry import ConversionError
+from ._stock import copy_bn, stock_conv_bn
 from ._utils import check_conv_args, require_int, require_number, resolve_act
 
 
@@ -124,21 +124,10 @@ class DynamicKernelConv(nn.Module):
         name = type(self).__name__
         require_number(name, "noise", noise, 0, float("inf"),
                        "use a fraction of the kernel's std >= 0 (0: exact copies)")
-        conv, bn = stock.conv, getattr(stock, "bn", None)
-        if bn is None:
-            raise ConversionError(f"the {type(stock).__name__} is fused (no BN to copy); convert before fusing")
-        pairs = (("c1", self.c1, conv.in_channels), ("c2", self.c2, conv.out_channels),
-                 ("k", (self.k,) * 2, conv.kernel_size), ("s", (self.s,) * 2, conv.stride),
-                 ("p", (self.p,) * 2, conv.padding), ("g", self.g, conv.groups), ("d", (self.d,) * 2, conv.dilation))
-        for arg, mine, theirs in pairs:
-            if mine != theirs:
-                raise ConversionError(f"{arg}: {type(stock).__name__} has {theirs}, {name} has {mine}")
-        if type(stock.act) is not type(self.act):
-            raise ConversionError(f"activation: {type(stock.act).__name__} in the stock layer, "
-                                  f"{type(self.act).__name__} here")
+        geometry = nn.Conv2d(self.c1, self.c2, self.k, self.s, self.p, self.d, self.g, False, device="meta")
+        conv, bn = stock_conv_bn(name, stock, geometry, self.act)
         w = conv.weight.detach().reshape(1, -1)
         self.weight.copy_(w + noise * w.std() * torch.randn_like(self.weight))
-        self.bn.load_state_dict(bn.state_dict())
-        self.bn.eps, self.bn.momentum = bn.eps, bn.momentum
+        copy_bn(self.bn, bn)
         n = self.weight.shape[0]
         return f"{n} {label} = W + {noise * 100:g}% noise" if noise else f"{n} {label} = W"

@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.onnx import register_custom_op_symbolic, symbolic_helper
-from torchvision.ops import deform_conv2d
 from ultralytics.nn.modules.conv import autopad
 
 from ..registry import ConversionError, register
+from ._deform import deform_conv
 from ._utils import check_conv_args, require, resolve_act
 
 
@@ -77,30 +76,6 @@ def _saconv_macs(m, x, y):
     m.total_ops += 2 * y.numel() * m.conv.weight[0].numel()
     if m.deform:
         m.total_ops += 2 * 4 * y[:, 0].numel() * m.conv.in_channels * m.conv.kernel_size[0] * m.conv.kernel_size[1]
-
-
-DEFORM_OPSET = 19  # ONNX's DeformConv
-
-
-@symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
-def _deform_conv2d_onnx(g, x, weight, offset, mask, bias, sh, sw, ph, pw, dh, dw, groups, offset_groups, use_mask):
-    """``torchvision::deform_conv2d`` as ONNX ``DeformConv`` (opset 19), for the TorchScript exporter Ultralytics uses."""
-    inputs = (x, weight, offset, bias, mask) if use_mask else (x, weight, offset, bias)
-    return g.op("DeformConv", *inputs, strides_i=[sh, sw], pads_i=[ph, pw, ph, pw], dilations_i=[dh, dw],
-                group_i=groups, offset_group_i=offset_groups)
-
-
-def _deform_conv2d_onnx_too_old(g, *args):
-    """Refuse an ONNX export below opset 19, which has no deformable convolution."""
-    raise RuntimeError(
-        f"torchvision's deform_conv2d (SAConv2d(deform=True)): ONNX has deformable convolution (DeformConv) from "
-        f"opset {DEFORM_OPSET} on; export with opset={DEFORM_OPSET} (`yolo export format=onnx opset={DEFORM_OPSET}`; "
-        "onnxruntime's CPU provider runs it, other runtimes may not), or build the model with deform=False to deploy"
-    )
-
-
-register_custom_op_symbolic("torchvision::deform_conv2d", _deform_conv2d_onnx_too_old, 7)
-register_custom_op_symbolic("torchvision::deform_conv2d", _deform_conv2d_onnx, DEFORM_OPSET)
 
 
 @register(role="conv", macs=_saconv_macs, paper="DetectoRS, Qiao, Chen, Yuille, CVPR 2021")
@@ -237,13 +212,10 @@ class SAConv2d(nn.Module):
             s = self.switch(x.to(self.switch.weight.dtype))  # over every pixel: it overflows float16 (65504)
         s = F.avg_pool2d(s, 5, self.conv.stride, 2, count_include_pad=False)
         conv = self.conv
-        if self.deform:  # one dtype for all operands (autocast mixes them); torchvision has no bfloat16 kernel
-            dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
-            offsets = self.offset(F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)).to(dtype)
-            offsets = torch.nan_to_num(offsets).chunk(2, 1)  # torchvision's sampling crashes the process on NaN
-            x, w_small, w_large = x.to(dtype), w_small.to(dtype), w_large.to(dtype)
-            small = deform_conv2d(x, offsets[0], w_small, None, conv.stride, conv.padding, conv.dilation)
-            large = deform_conv2d(x, offsets[1], w_large, None, conv.stride, self.large_padding, self.large_dilation)
+        if self.deform:
+            offsets = self.offset(F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)).chunk(2, 1)
+            small = deform_conv(x, offsets[0], w_small, conv.stride, conv.padding, conv.dilation)
+            large = deform_conv(x, offsets[1], w_large, conv.stride, self.large_padding, self.large_dilation)
         else:
             small = F.conv2d(x, w_small, None, conv.stride, conv.padding, conv.dilation, conv.groups)
             large = F.conv2d(x, w_large, None, conv.stride, self.large_padding, self.large_dilation, conv.groups)
