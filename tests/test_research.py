@@ -11,7 +11,7 @@ import matplotlib
 import pytest
 
 from yolo_convplug.research import ablate as ablate_mod
-from yolo_convplug.research import bench, variants, workflow
+from yolo_convplug.research import bench, plan, variants, workflow
 from yolo_convplug.research.ablate import EpochWatch, ablate
 from yolo_convplug.research.report import Protocol, checkpoint_gap, write_results
 from yolo_convplug.research.variants import default_variants, resolve_variant
@@ -138,7 +138,8 @@ def test_report_same_images_and_single_seed_noise(tmp_path):
     assert "not measured: rerun with --seeds 0 1 2" in md and "beyond spread" not in md
     md = write_results(rows, tmp_path, Protocol("shapes", 20, 160, (0,), same_images=False, seed_spread=0.031))[1]
     text = md.read_text()
-    assert "training images" not in text and "seed spread (std of mAP50-95 over seeds, pooled over the default variants) is 0.031" in text
+    assert "training images" not in text
+    assert "seed spread (std of mAP50-95 over seeds, pooled over the default variants) is 0.031" in text
 
 
 def test_report_several_seeds_marks_beyond_spread(tmp_path, figures):
@@ -247,8 +248,8 @@ def test_ablate_artefacts_progress_resume_and_finetune(tmp_path, capsys, monkeyp
     assert md.splitlines()[0].endswith("fine-tuned from best.pt") and str(weights) in md
     for v in ("yolov8n", "yolov8n-saconv"):
         assert "Transferred" in (tmp_path / "ft" / "runs" / v / "seed0" / "train.log").read_text()
-    key = ablate_mod._settings_key(None, {"pretrained": str(weights)}, TINY)
-    assert key["pretrained_sha256"] == ablate_mod._sha256(weights)
+    key = plan.settings_key(None, {"pretrained": str(weights)}, TINY)
+    assert key["pretrained_sha256"] == plan.sha256(weights)
 
 
 def test_ablate_refuses_bad_pretrained(tmp_path):
