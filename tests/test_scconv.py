@@ -5,17 +5,18 @@ ONNX, trace, autocast) live in test_contract.py."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from ref_scconv import ScConvRef
 from torch.utils.flop_counter import FlopCounterMode
 from ultralytics.nn.modules.conv import Conv
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.nn.tasks import DetectionModel, parse_model
 from ultralytics.utils.torch_utils import get_flops
 
 import yolo_convplug
-from ref_scconv import ScConvRef
 from yolo_convplug.modules.scconv import ScConv
 from yolo_convplug.registry import ConversionError
 from yolo_convplug.warm_start import convert_layers
@@ -40,7 +41,7 @@ def randomize(m: ScConv) -> None:
         m.bn.running_var.uniform_(0.5, 2)
 
 
-@pytest.mark.parametrize("c1, c2", [(3, 16), (2, 2), (5, 7), (9, 9), (7, 3)])
+@pytest.mark.parametrize("c1, c2", [(7, 16), (7, 7), (9, 11), (9, 9), (15, 7)])
 @pytest.mark.parametrize("k, s, p, d", [(3, 1, None, 1), (3, 2, None, 1), (1, 2, None, 1), (5, 2, None, 1),
                                         (3, 1, None, 2), (3, 2, 0, 1), (2, 1, None, 1), (6, 2, 2, 1)])
 def test_odd_channels_and_conv_options_match_conv_shape(c1, c2, k, s, p, d):
@@ -84,8 +85,8 @@ def test_params_and_flops_below_plain_conv(c1, c2, k, s):
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("c1, c2, k, s", [(32, 32, 3, 1), (16, 32, 3, 2), (64, 16, 1, 1), (7, 5, 3, 2), (3, 16, 5, 2),
-                                          (24, 24, 3, 1)])
+@pytest.mark.parametrize("c1, c2, k, s", [(32, 32, 3, 1), (16, 32, 3, 2), (64, 16, 1, 1), (7, 9, 3, 2), (9, 16, 5, 2),
+                                          (3, 16, 1, 2), (24, 24, 3, 1)])
 def test_matches_literal_reference(c1, c2, k, s, train):
     """Against the full-resolution, split/cat/softmax reading of the paper (float64: the hard gate never flips on
     rounding differences)."""
@@ -191,7 +192,8 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 def test_gflops_counted_when_scconv_is_layer_0():
     """Ultralytics' get_flops reads the input channels from dim 1 of the model's first parameter: ScConv registers its
-    (1, c1, 1, 1) GroupNorm affine first, so a model that starts with ScConv still gets its GFLOPs counted."""
+    (1, c1, 1, 1) GroupNorm affine first, so a model that starts with ScConv (on a 16-channel input, e.g.
+    multispectral: on RGB it is refused, see below) still gets its GFLOPs counted."""
     cfg = {
         "nc": 2,
         "scale": "n",
@@ -199,9 +201,36 @@ def test_gflops_counted_when_scconv_is_layer_0():
         "backbone": [[-1, 1, "ScConv", [64, 3, 2]], [-1, 1, "Conv", [128, 3, 2]]],
         "head": [[[1], 1, "Detect", ["nc"]]],
     }
-    model = DetectionModel(cfg, ch=3, verbose=False)
-    assert next(model.parameters()).shape == (1, 3, 1, 1)
+    model = DetectionModel(cfg, ch=16, verbose=False)
+    assert next(model.parameters()).shape == (1, 16, 1, 1)
     assert get_flops(model, 64) > 0
+
+
+@pytest.mark.parametrize("c1, c2, k, kwargs",
+                         [(3, 16, 3, {}), (64, 4, 3, {}), (6, 6, 5, {}), (12, 12, 3, {"squeeze": 4})],
+                         ids=["rgb", "narrow-c2", "k5", "squeeze4"])
+def test_kxk_conv_on_one_squeezed_channel_is_refused(c1, c2, k, kwargs):
+    """Layer 0 on RGB (or any min(c1, c2) whose upper squeeze is one channel): the kxk conv would filter one linear
+    mix of the input. Refused naming the narrow side, the width ScConv needs and the fix; the smallest width that
+    gives two squeezed channels builds, and so does k = 1 (no kxk conv)."""
+    narrow = "c1" if c1 <= c2 else "c2"
+    match = (rf"ScConv: {narrow}={min(c1, c2)} is not valid; .*see 1 squeezed channel.*"
+             r"needs min\(c1, c2\) >= (\d+) .*keep a stock Conv .*RGB image \(layer 0\)")
+    with pytest.raises(ValueError, match=match) as e:
+        ScConv(c1, c2, k, **kwargs)
+    need = int(re.search(r">= (\d+)", str(e.value)).group(1))
+    m = ScConv(need, need, k, **kwargs)
+    assert m.gwc.in_channels == m.squeeze1.out_channels == 2
+    with pytest.raises(ValueError, match="squeezed channel"):
+        ScConv(need - 1, need - 1, k, **kwargs)
+    ScConv(c1, c2, 1, **kwargs)
+
+
+def test_layer_0_on_rgb_names_the_layer_through_yaml():
+    cfg = {"nc": 2, "scale": "n", "scales": {"n": [0.33, 0.25, 1024]},
+           "backbone": [[-1, 1, "ScConv", [64, 3, 2]]], "head": []}
+    with pytest.raises(yolo_convplug.ModelYamlError, match=r"layer 0 .*ScConv could not be built.*c1=3 is not valid"):
+        parse_model(cfg, ch=3, verbose=False)
 
 
 def test_groupnorm_affine_loads_from_older_state_dicts():

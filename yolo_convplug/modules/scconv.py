@@ -7,6 +7,7 @@ calls itself unofficial.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -44,6 +45,17 @@ class GroupNorm4d(nn.GroupNorm):
 def largest_divisor(n: int, limit: int) -> int:
     """The largest divisor of ``n`` that is at most ``limit`` (1 when only 1 qualifies)."""
     return max(q for q in range(1, min(n, limit) + 1) if n % q == 0)
+
+
+def _upper_width(alpha: float, c: int) -> int:
+    """``round(alpha * c)`` (half up), clamped to [1, c - 1]: the upper part of a ``c``-channel split."""
+    return min(max(math.floor(alpha * c + 0.5), 1), c - 1)
+
+
+def _squeezed_widths(alpha: float, squeeze: int, m: int, c2: int) -> tuple[int, int]:
+    """Squeezed widths ``(su, sl)`` of the upper and lower paths for ``m = min(c1, c2)`` (see the class docstring)."""
+    mu = _upper_width(alpha, m)
+    return max(mu // squeeze, 1), min(max((m - mu) // squeeze, 1), c2 - 1)
 
 
 @register(role="conv", paper="SCConv, Li, Wen, He, CVPR 2023")
@@ -95,6 +107,9 @@ class ScConv(nn.Module):
     - group counts adapt: GroupNorm uses ``gn_groups`` or the largest divisor of c1 up to 16 that leaves 2 channels
       per group (a one-value group cannot normalise a 1x1 map), the GWC the largest divisor of gcd(su, c2) up to
       ``group_size``; odd channel counts work;
+    - a kxk GWC that would see one squeezed channel (``su = 1``: ``min(c1, c2) < 7`` at the defaults, e.g. layer 0
+      on the 3 RGB channels) is refused: it would be a per-channel filter of one linear mix of the input, far less
+      than the dense conv it stands in for;
     - with ``k = 1`` the GWC is itself point-wise and GWC + PWC1 would be one 1x1 conv written twice, so only PWC1 is
       kept.
 
@@ -156,10 +171,20 @@ class ScConv(nn.Module):
         self.gn = GroupNorm4d(gn_groups, c1)  # first: see the class docstring
         self.threshold = gate_threshold
         self.c1, self.half = c1, c1 // 2  # SRU halves: a = c1 - half channels, b = half channels
-        self.up = min(max(math.floor(alpha * c1 + 0.5), 1), c1 - 1)
+        self.up = _upper_width(alpha, c1)
         m = min(c1, c2)
-        mu = min(max(math.floor(alpha * m + 0.5), 1), m - 1)
-        su, sl = max(mu // squeeze, 1), min(max((m - mu) // squeeze, 1), c2 - 1)
+        su, sl = _squeezed_widths(alpha, squeeze, m, c2)
+        if k > 1 and su < 2:
+            need = next(w for w in itertools.count(m) if _squeezed_widths(alpha, squeeze, w, w)[0] >= 2)
+            require(
+                False,
+                name,
+                "c1" if c1 <= c2 else "c2",
+                m,
+                f"with min(c1, c2)={m} the {k}x{k} conv would see {su} squeezed channel (round(alpha*{m}) // squeeze)"
+                f"; ScConv needs min(c1, c2) >= {need} at alpha={alpha}, squeeze={squeeze}: keep a stock Conv where a "
+                "layer sees the RGB image (layer 0) or this few channels, or lower squeeze",
+            )
         pad = autopad(k, p, d)
         span = d * (k - 1)  # the kxk window's centre sits span//2 after its start
         self.align = (pad - span // 2, pad - (span - span // 2))  # (before, after) padding of the point-wise paths
