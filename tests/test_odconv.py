@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from module_checks import onnx_outputs, rel_err
 from ultralytics.nn.modules.conv import Conv
 
-from module_checks import onnx_outputs, rel_err
 from yolo_convplug import ConversionError
 from yolo_convplug.modules.odconv import ODConv
 
@@ -48,11 +48,12 @@ def reference(m: ODConv, x: torch.Tensor) -> torch.Tensor:
     bank = m.weight.view(n, c2, c1 // g, k, k)
     outs = []
     for b in range(x.shape[0]):
-        def head(fc):
-            return (z[b] @ fc.weight.T + fc.bias) / m.temperature
-        a_s = 2 * torch.sigmoid(head(m.attn_spatial)).view(k, k)
+        def head(fc, zb=z[b]):
+            return (zb @ fc.weight.T + fc.bias) / m.temperature
+        # the official structure: no spatial attention for a 1x1 kernel, no filter attention depth-wise
+        a_s = 2 * torch.sigmoid(head(m.attn_spatial)).view(k, k) if k > 1 else torch.ones(1, 1)
         a_c = 2 * torch.sigmoid(head(m.attn_in))
-        a_f = 2 * torch.sigmoid(head(m.attn_out))
+        a_f = torch.ones(c2) if c1 == g == c2 else 2 * torch.sigmoid(head(m.attn_out))
         a_w = torch.softmax(head(m.attn_kernel), 0) if n > 1 else torch.ones(1)
         kernel = sum(a_w[i] * a_s * bank[i] for i in range(n))
         y = F.conv2d(x[b : b + 1] * a_c.view(1, c1, 1, 1), kernel, None, m.s, m.p, m.d, g)
@@ -81,6 +82,17 @@ def test_matches_per_sample_reference(c1, c2, k, s, p, g, d, n, train):
     with torch.no_grad():
         expected = reference(m, x)
         assert rel_err(m(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize(("c1", "c2", "k", "g", "spatial", "filter_"),
+                         [(16, 16, 1, 1, False, True), (16, 16, 3, 16, True, False), (16, 16, 1, 16, False, False),
+                          (16, 32, 3, 16, True, True), (16, 16, 3, 1, True, True)])
+def test_heads_follow_the_official_structure(c1, c2, k, g, spatial, filter_):
+    """As the official ODConv: a 1x1 kernel has no spatial head, a depth-wise conv (c1 = g = c2) no filter head; a
+    grouped conv with c2 != c1 keeps it."""
+    m = ODConv(c1, c2, k, g=g)
+    assert (m.attn_spatial is not None) == spatial and (m.attn_out is not None) == filter_
+    assert m.attn_in is not None
 
 
 def test_attentions_differ_per_sample_and_have_their_ranges():
@@ -148,7 +160,7 @@ def test_converts_exactly_from_conv_without_noise(c1, c2, k, s, p, g, d, n):
     with torch.no_grad():
         assert rel_err(m(x), conv(x)) < 1e-5
         a_s, a_c, a_f, a_w = m.attentions(x)
-    assert all(torch.equal(a, torch.ones_like(a)) for a in (a_s, a_c, a_f))
+    assert all(a is None or torch.equal(a, torch.ones_like(a)) for a in (a_s, a_c, a_f))
     assert a_w is None or torch.allclose(a_w, torch.full_like(a_w, 1 / n), rtol=1e-6, atol=0)
 
 

@@ -32,7 +32,9 @@ class ODConv(DynamicKernelConv):
     The three sigmoid attentions are ``2·sigmoid``, not the paper's ``sigmoid``: 1 at zero logits, so a layer
     converted from a ``Conv`` (head weights and biases 0) computes exactly ``W``. Their product is 8 times the
     paper's, a constant that the BN after the convolution removes. As in the reference code, ``T`` divides all four
-    logits, and with ``n = 1`` (the paper's ODConv 1x) there is no kernel attention. In training with a batch of
+    logits, and an attention that means nothing is left out (taken as 1): the kernel attention with ``n = 1``
+    (the paper's ODConv 1x), the spatial one for a 1x1 kernel, the filter one for a depth-wise conv (c1 = g = c2).
+    In training with a batch of
     one, the attention's BN uses its running statistics (one sample has no batch statistics).
 
     ``fuse()`` folds the output BN into every kernel of the bank and a bias (exact: ``a_f``, like BN's scale, acts
@@ -71,9 +73,10 @@ class ODConv(DynamicKernelConv):
         hidden = max(int(c1 * reduction), 16)
         self.fc = nn.Linear(c1, hidden, bias=False)
         self.fc_bn = nn.BatchNorm1d(hidden)
-        self.attn_spatial = nn.Linear(hidden, k * k)
+        # as the reference code: no spatial head for a 1x1 kernel, no filter head for a depth-wise conv (a_s, a_f = 1)
+        self.attn_spatial = nn.Linear(hidden, k * k) if k > 1 else None
         self.attn_in = nn.Linear(hidden, c1)
-        self.attn_out = nn.Linear(hidden, c2)
+        self.attn_out = None if c1 == g == c2 else nn.Linear(hidden, c2)
         self.attn_kernel = nn.Linear(hidden, kernel_num) if kernel_num > 1 else None
         for fc in (self.fc, self.attn_spatial, self.attn_in, self.attn_out, self.attn_kernel):
             if fc is not None:  # as the reference code
@@ -83,7 +86,8 @@ class ODConv(DynamicKernelConv):
         self.build_output(act)
 
     def attentions(self, x):
-        """Per-sample ``(a_s (B, k·k), a_c (B, c1), a_f (B, c2), a_w (B, n))``; ``a_w`` is None when n = 1."""
+        """Per-sample ``(a_s (B, k·k), a_c (B, c1), a_f (B, c2), a_w (B, n))``; a missing head's attention is
+        None (``a_s`` at k = 1, ``a_f`` depth-wise, ``a_w`` at n = 1)."""
         z = self.fc(x.mean((2, 3)))
         if self.training and z.shape[0] == 1:  # one sample has no batch statistics: use the running ones
             bn = self.fc_bn
@@ -92,7 +96,8 @@ class ODConv(DynamicKernelConv):
             z = self.fc_bn(z)
         z = F.relu(z)
         t = self.temperature
-        a_s, a_c, a_f = (2 * torch.sigmoid(fc(z) / t) for fc in (self.attn_spatial, self.attn_in, self.attn_out))
+        a_s, a_c, a_f = (None if fc is None else 2 * torch.sigmoid(fc(z) / t)
+                         for fc in (self.attn_spatial, self.attn_in, self.attn_out))
         a_w = None if self.attn_kernel is None else torch.softmax(self.attn_kernel(z) / t, 1)
         return a_s, a_c, a_f, a_w
 
@@ -102,7 +107,11 @@ class ODConv(DynamicKernelConv):
         g, c1g, c2g, kk = self.g, self.c1 // self.g, self.c2 // self.g, self.k * self.k
         bank = self.weight if a_w is None else a_w @ self.weight  # (B or 1, c2·c1/g·k·k)
         # kernel layout (c2, c1/g, k, k) = (g, c2/g, c1/g, k·k): output channel j·c2/g + o sees inputs j·c1/g + i
-        scale = (a_f.view(-1, g, c2g, 1, 1) * a_c.view(-1, g, 1, c1g, 1)) * a_s.view(-1, 1, 1, 1, kk)
+        scale = a_c.view(-1, g, 1, c1g, 1)
+        if a_f is not None:
+            scale = a_f.view(-1, g, c2g, 1, 1) * scale
+        if a_s is not None:
+            scale = scale * a_s.view(-1, 1, 1, 1, kk)
         return (bank.view(-1, g, c2g, c1g, kk) * scale).flatten(1)
 
     @torch.no_grad()
