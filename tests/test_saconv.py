@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import ROOT
+from module_checks import bf16_forward, bf16_training_grads_finite, rel_err
+from ref_saconv import SAConvNaive, load_from_module, mmcv_pool
 from torchvision.ops import deform_conv2d
 from ultralytics.nn.modules import Conv
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
-from conftest import ROOT
-from module_checks import bf16_forward, bf16_training_grads_finite, rel_err
-from ref_saconv import SAConvNaive, load_from_module
 from yolo_convplug.modules._utils import fuse_convs
 from yolo_convplug.modules.saconv import SAConv2d
 from yolo_convplug.registry import ConversionError
@@ -72,9 +72,10 @@ def bn_input_variance(m, x):
 # --- the SAC math against the reference ------------------------------------------------------------------------
 
 
-def assert_matches_reference(m, ref, x, ref_grads=lambda ref: {n: p.grad for n, p in ref.named_parameters()}):
+def assert_matches_reference(m, ref, x, ref_grads=None):
     """``m`` and ``ref`` agree in train and eval: outputs, input gradients and every parameter's gradient
-    (``ref_grads`` maps the reference's gradients to the module's parameter names)."""
+    (``ref_grads`` maps the reference's gradients to the module's parameter names; default: the same names)."""
+    ref_grads = ref_grads or (lambda ref: {n: p.grad for n, p in ref.named_parameters()})
     for mode in (True, False):
         m.train(mode), ref.train(mode)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -93,11 +94,33 @@ def assert_matches_reference(m, ref, x, ref_grads=lambda ref: {n: p.grad for n, 
 def test_matches_naive_reference_outputs_and_gradients():
     """Two explicit F.conv2d (dilation d and 3d), DetectoRS standardisation by autograd: same outputs and grads."""
     torch.manual_seed(0)
-    for c1, c2, k, s, hw in [(16, 24, 3, 2, 9), (32, 32, 3, 1, 5), (16, 16, 1, 1, 4), (16, 16, 3, 1, 1)]:
+    for c1, c2, k, s, hw in [(16, 24, 3, 2, 9), (32, 32, 3, 1, 5), (16, 16, 5, 1, 4), (16, 16, 3, 1, 1)]:
         m = perturbed(SAConv2d(c1, c2, k, s))
         with torch.no_grad():
             m.conv.weight.add_(0.05)  # a non-zero filter mean exercises the standardisation gradient
         assert_matches_reference(m, load_from_module(SAConvNaive(c1, c2, k, s), m), torch.randn(3, c1, hw, hw))
+
+
+@pytest.mark.parametrize("deform", [False, True])
+def test_switch_and_offset_pooling_is_mmcvs_reflect_padding(deform):
+    """The switch (and the offsets) see mmcv's reflect-padded 5x5 average on every map with sides >= 3, replicate on
+    sides of 1-2 pixels (mixed shapes too): the module equals the mmcv transcription, outputs and gradients, and
+    differs from a zero-padded valid-pixel average at the borders (what the pooling was before)."""
+    torch.manual_seed(0)
+    for hw in [(3, 3), (2, 6), (1, 7), (7, 4), (2, 2), (1, 1)]:
+        m = perturbed(SAConv2d(8, 12, 3, 2, deform=deform))
+        with torch.no_grad():
+            m.switch.weight.mul_(30)  # a switch that varies across the map
+            if deform:  # fractional offsets, off the integer grid where bilinear sampling has kinks
+                m.offset.bias.uniform_(-1, 1)
+        ref = load_from_module(SAConvNaive(8, 12, 3, 2, deform=deform, mmcv_deform_conv=True), m)
+        m.double(), ref.double()  # float64: gradients of 2x2 maps cancel to float32 rounding noise
+        x = torch.randn(2, 8, *hw, dtype=torch.float64)
+        assert_matches_reference(m, ref, x, offset_grads_as_one_conv if deform else None)
+    x = torch.randn(2, 8, 9, 9)
+    valid_average = F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+    assert rel_err(mmcv_pool(x)[..., 0, :], valid_average[..., 0, :]) > 0.1  # the border rows differ
+    assert rel_err(mmcv_pool(x)[..., 2:-2, 2:-2], valid_average[..., 2:-2, 2:-2]) < 1e-6  # the interior agrees
 
 
 def test_switch_blends_the_two_dilations():
@@ -156,7 +179,7 @@ def test_forward_leaves_input_and_padding_untouched():
 
 @pytest.mark.parametrize("deform", [False, True])
 def test_fuse_is_exact_and_drops_bn(deform):
-    for c1, c2, k, s, hw in [(16, 24, 3, 2, 9), (32, 32, 1, 1, 5), (16, 16, 3, 1, 1)]:
+    for c1, c2, k, s, hw in [(16, 24, 3, 2, 9), (32, 32, 5, 1, 5), (16, 16, 3, 1, 1)]:
         m = perturbed(SAConv2d(c1, c2, k, s, deform=deform)).eval()
         with torch.no_grad():
             m.bn.weight[0] = 0.0  # a pruned channel: the fold must not divide by the BN scale
@@ -200,7 +223,7 @@ def test_fresh_module_equals_one_converted_from_a_conv_with_its_kernel():
 
 def test_plain_conv_state_dict_converts_exactly():
     """An Ultralytics Conv's weights load strictly and the SAConv computes what the Conv computed (DetectoRS)."""
-    for c1, c2, k, s in [(16, 32, 3, 2), (8, 8, 1, 1)]:
+    for c1, c2, k, s in [(16, 32, 3, 2), (8, 8, 5, 1)]:
         plain = random_stock_conv(c1, c2, k, s)
         m = perturbed(SAConv2d(c1, c2, k, s))
         m.load_state_dict(plain.state_dict())  # strict
@@ -252,7 +275,7 @@ def test_module_pickled_before_deform_existed_runs():
 
 
 @pytest.mark.parametrize("deform", [False, True])
-@pytest.mark.parametrize("c1,c2,k,s,d", [(16, 32, 3, 2, 1), (16, 16, 3, 1, 2), (8, 8, 1, 1, 1)])
+@pytest.mark.parametrize("c1,c2,k,s,d", [(16, 32, 3, 2, 1), (16, 16, 3, 1, 2), (8, 8, 5, 1, 1)])
 def test_convert_from_stock_conv_is_exact(c1, c2, k, s, d, deform):
     """Every tensor (and BN's eps/momentum) comes from the stock Conv: the stock output in eval within 1e-5."""
     stock = random_stock_conv(c1, c2, k, s, d)
@@ -289,7 +312,7 @@ def test_convert_from_another_geometry_raises_and_leaves_the_layer(stock, match)
 
 def test_fresh_deformable_module_equals_the_plain_one():
     """Zero offsets: both deformable branches sample the integer grid, so SAC is unchanged (train and eval)."""
-    for c1, c2, k, s, g, d in [(16, 24, 3, 2, 1, 1), (16, 32, 3, 1, 2, 2), (8, 8, 1, 1, 1, 1)]:
+    for c1, c2, k, s, g, d in [(16, 24, 3, 2, 1, 1), (16, 32, 3, 1, 2, 2), (8, 8, 5, 1, 1, 1)]:
         plain = perturbed(SAConv2d(c1, c2, k, s, g=g, d=d))
         deform = SAConv2d(c1, c2, k, s, g=g, d=d, deform=True)
         missing = deform.load_state_dict(plain.state_dict(), strict=False).missing_keys
@@ -337,7 +360,7 @@ def test_deformable_module_hands_torchvision_finite_offsets_only(monkeypatch):
     """torchvision's deform_conv2d indexes memory with NaN offsets (out-of-bounds reads, a segfault depending on the
     address), and Ultralytics' GFLOPs count runs the model on uninitialised memory (``new_empty``) at every fuse and
     export. Non-finite input must reach the deformable convolutions only as values, never as offsets."""
-    import yolo_convplug.modules.saconv as saconv
+    import torchvision.ops
 
     seen = []
 
@@ -345,7 +368,7 @@ def test_deformable_module_hands_torchvision_finite_offsets_only(monkeypatch):
         seen.append(bool(torch.isfinite(offset).all()))
         return deform_conv2d(x, offset, *args)
 
-    monkeypatch.setattr(saconv, "deform_conv2d", checked)
+    monkeypatch.setattr(torchvision.ops, "deform_conv2d", checked)
     m = SAConv2d(8, 8, 3, deform=True).eval()
     x = torch.randn(2, 8, 9, 9)
     x[0, 0, 4, 4], x[0, 1, 2, 2] = float("nan"), float("inf")
@@ -374,13 +397,13 @@ def test_deformable_jit_trace():
         torch.jit.save(traced, io.BytesIO())
 
 
-def _export(module, x, opset):
-    """ONNX bytes of ``module`` (TorchScript exporter, as Ultralytics uses) with a dynamic batch axis."""
+def _export(module, x, opset, axes=None):
+    """ONNX bytes of ``module`` (TorchScript exporter, as Ultralytics uses) with ``axes`` dynamic (default: batch)."""
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (x,), f, dynamo=False, opset_version=opset, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if axes is None else axes)
     return f.getvalue()
 
 
@@ -399,6 +422,34 @@ def test_deformable_onnx_opset_19_runs_in_onnxruntime(fuse):
         with torch.no_grad():
             expected = m(x)
         assert rel_err(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), expected) < 1e-4
+
+
+@pytest.mark.parametrize("deform", [False, True])
+def test_onnx_with_dynamic_map_size_pools_right_at_every_size(deform):
+    """The reflect/replicate pooling has no branch on the map size: one export with dynamic batch, height and width
+    (``yolo export dynamic=True``) matches PyTorch at batch 1 and 3 on large, odd, mixed and 1x1/2x2 maps; a
+    static export matches at its own size."""
+    ort = pytest.importorskip("onnxruntime")
+    m = perturbed(SAConv2d(8, 12, 3, 2, deform=deform)).eval()
+    with torch.no_grad():
+        m.switch.weight.mul_(30)
+    axes = {"x": {0: "batch", 2: "h", 3: "w"}, "y": {0: "batch", 2: "ho", 3: "wo"}}
+    for fuse in (False, True):
+        module = copy.deepcopy(m).fuse() if fuse else m
+        dynamic = ort.InferenceSession(_export(module, torch.randn(1, 8, 12, 12), 19, axes),
+                                       providers=["CPUExecutionProvider"])
+        for batch, hw in [(1, (12, 12)), (3, (7, 9)), (3, (2, 2)), (1, (1, 1)), (3, (2, 5))]:
+            x = torch.randn(batch, 8, *hw)
+            with torch.no_grad():
+                expected = module(x)
+            assert rel_err(torch.from_numpy(dynamic.run(None, {"x": x.numpy()})[0]), expected) < 1e-4, (batch, hw)
+        for hw in [(2, 2), (6, 6)]:
+            static = ort.InferenceSession(_export(module, torch.randn(1, 8, *hw), 19, {}),
+                                          providers=["CPUExecutionProvider"])
+            x = torch.randn(1, 8, *hw)
+            with torch.no_grad():
+                expected = module(x)
+            assert rel_err(torch.from_numpy(static.run(None, {"x": x.numpy()})[0]), expected) < 1e-4, hw
 
 
 def test_deformable_onnx_below_opset_19_names_the_limit_and_the_fix():
@@ -426,7 +477,7 @@ def test_thop_rule_counts_the_deformable_sampling():
     [
         (dict(c1=16, c2=16, k=2), "k=2.*odd kernel"),
         (dict(c1=16, c2=16, k=3, p=0), "p=0.*leave p=None"),
-        (dict(c1=16, c2=16, k=1, g=16), r"c1/g\*k\*k=1.*at least 2 weights"),
+        (dict(c1=16, c2=16, k=1), r"k=1 is not valid; a 1x1 kernel sees no dilation.*repeat.*use k=3.*stock Conv"),
         (dict(c1=16, c2=16, k=3, deform=1), "deform=1.*True.*False"),
         (dict(c1=16, c2=16, k=3, deform="yes"), "deform='yes'"),
     ],

@@ -27,6 +27,25 @@ def _context(x, conv):
     return F.linear(x.sum((2, 3)) / (x.shape[2] * x.shape[3]), conv.weight.flatten(1), conv.bias)[..., None, None]
 
 
+def _reflect_index(n, device):
+    """Source rows (or columns) of a map side of ``n`` pixels mirrored by 2 at both ends, as tensor ops of ``n``.
+
+    For ``n >= 3`` this is ``F.pad(mode="reflect")``'s index; for ``n = 2`` and ``n = 1``, where a reflection by 2
+    does not exist, the mirroring repeats (period ``2n - 2``), which gives every 5-pixel window the same average as
+    replicate padding. Computed from ``n`` with tensor ops (no branch), so a traced or compiled graph follows the
+    input size, and a dynamic-shape ONNX export is right at every size.
+    """
+    i = torch.arange(-2, n + 2, device=device).abs().remainder(2 * n - 2 + 1 // n)  # 1 // n: period 1 when n = 1
+    return (n - 1) - (i - (n - 1)).abs()
+
+
+def _reflect_pool5(x, stride=1):
+    """DetectoRS' (mmcv's) 5x5 average of ``x`` after reflect-padding by 2, with stride ``stride``."""
+    h, w = x.shape[-2:]
+    x = x.index_select(-1, _reflect_index(w, x.device)).index_select(-2, _reflect_index(h, x.device))
+    return F.avg_pool2d(x, 5, stride)
+
+
 def _standardize(weight, gamma, beta):
     """Return ``(gamma * (W - mean) / std + beta, mean, std)``; statistics per output filter, shaped (c2, 1).
 
@@ -100,13 +119,17 @@ class SAConv2d(nn.Module):
     ``beta = mean(W)``, so ``W_hat`` equals the loaded kernel, and the SAC-specific tensors the state dict lacks
     get their initial values, so the converted module computes exactly what the plain ``Conv`` did.
 
-    The avg-pool pads with zeros and averages over the valid pixels only (``count_include_pad=False``), so any
-    feature-map size works, 1x1 included. Because the 5x5 average and the switch's 1x1 convolution are both
-    linear and channel-/space-separable, the switch is computed as ``avgpool(conv1x1(x'))`` on one channel,
-    which is the same map at a fraction of the cost; it runs at its parameters' precision even under autocast, as its
-    weight gradient (a sum of ``x' * (small - large)`` over every pixel) overflows float16. Training differentiates the standardisation with a hand-written
-    backward (a few passes over the weight instead of autograd's); ``fuse()`` precomputes both kernels and folds BN
-    into the post-context. For ``k = 1`` dilation changes nothing, so the second branch keeps dilation 1.
+    ``avgpool5x5`` is DetectoRS' (mmcv ``SAConv2d``): reflect padding by 2, then a 5x5 average, on every map whose
+    sides have 3 pixels or more. A side of 1 or 2 pixels cannot be reflected by 2; there the mirroring is repeated,
+    which averages each window as replicate padding would (the pixel itself on a 1x1 map): a defined result on the
+    tiny maps of small images, computed by the same index arithmetic (no branch on the size, so traced, compiled
+    and dynamic-shape ONNX graphs are right at every size). Because the 5x5 average and the switch's 1x1
+    convolution are both linear and channel-/space-separable, the switch is computed as ``avgpool(conv1x1(x'))`` on
+    one channel, the same map at a fraction of the cost; it runs at its parameters' precision even under autocast,
+    as its weight gradient (a sum of ``x' * (small - large)`` over every pixel) overflows float16. Training
+    differentiates the standardisation with a hand-written backward (a few passes over the weight instead of
+    autograd's); ``fuse()`` precomputes both kernels and folds BN into the post-context. ``k = 1`` is refused: a
+    1x1 kernel sees no dilation, so both branches would be the same convolution.
 
     ``deform=True`` (DetectoRS' published setting, mmcv's ``use_deform``) makes both branches deformable
     convolutions (torchvision's ``deform_conv2d``) whose sampling offsets come from a 3x3 convolution (stride ``s``)
@@ -126,20 +149,21 @@ class SAConv2d(nn.Module):
         super().__init__()
         name = type(self).__name__
         check_conv_args(name, c1, c2, k, s, None, g, d)
-        require(k % 2 == 1, name, "k", k, "SAConv2d needs an odd kernel size (1, 3, 5, ...) so the switch aligns")
+        require(k % 2 == 1, name, "k", k, "SAConv2d needs an odd kernel size (3, 5, ...) so the switch aligns")
+        require(
+            k > 1,
+            name,
+            "k",
+            k,
+            "a 1x1 kernel sees no dilation, so SAC's dilation-3d branch would repeat the dilation-d one: use k=3 (or "
+            "5, ...), or keep a stock Conv for 1x1 layers",
+        )
         require(
             p is None or p == autopad(k, None, d),
             name,
             "p",
             p,
             f"leave p=None ('same' padding {autopad(k, None, d)}); the dilated branch and the switch assume it",
-        )
-        require(
-            c1 // g * k * k >= 2,
-            name,
-            "c1/g*k*k",
-            c1 // g * k * k,
-            "weight standardisation needs at least 2 weights per filter: use k >= 3 or fewer groups",
         )
         require(isinstance(deform, bool), name, "deform", deform, "use True (deformable branches) or False")
         self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, None, d), dilation=d, groups=g, bias=False)
@@ -151,7 +175,7 @@ class SAConv2d(nn.Module):
         self.post_context = nn.Conv2d(c2, c2, 1)
         self.bn = nn.BatchNorm2d(c2)
         self.act = resolve_act(act)
-        self.large_dilation = 3 * d if k > 1 else 1  # dilation does nothing to a 1x1 kernel: keep the fast 1x1 path
+        self.large_dilation = 3 * d
         self.large_padding = autopad(k, None, self.large_dilation)
         self.deform = deform
         if deform:
@@ -199,7 +223,8 @@ class SAConv2d(nn.Module):
         return _standardize(self.conv.weight, self.weight_gamma, self.weight_beta)[0]
 
     def _kernels(self):
-        """``(W_hat, W_hat + gamma * dW)``; a hand-written backward makes training cheap (autograd's var_mean is slow)."""
+        """``(W_hat, W_hat + gamma * dW)``; a hand-written backward makes training cheap (autograd's var_mean is
+        slow)."""
         if torch.jit.is_tracing():  # a custom autograd.Function does not trace or export: same values, plain ops
             w = self.standardized_weight()
             return w, torch.addcmul(w, self.weight_gamma, self.weight_diff)
@@ -210,10 +235,10 @@ class SAConv2d(nn.Module):
         x = x + _context(x, self.pre_context)
         with torch.autocast(x.device.type, enabled=False):  # the switch's weight gradient sums x' * (small - large)
             s = self.switch(x.to(self.switch.weight.dtype))  # over every pixel: it overflows float16 (65504)
-        s = F.avg_pool2d(s, 5, self.conv.stride, 2, count_include_pad=False)
+        s = _reflect_pool5(s, self.conv.stride)  # = conv1x1_switch(pool(x')) sampled at stride s: both linear
         conv = self.conv
         if self.deform:
-            offsets = self.offset(F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)).chunk(2, 1)
+            offsets = self.offset(_reflect_pool5(x)).chunk(2, 1)
             small = deform_conv(x, offsets[0], w_small, conv.stride, conv.padding, conv.dilation)
             large = deform_conv(x, offsets[1], w_large, conv.stride, self.large_padding, self.large_dilation)
         else:
@@ -270,6 +295,9 @@ class SAConv2d(nn.Module):
                       g="groups")
         mismatch = [f"{a}={getattr(conv, f)} vs {getattr(self.conv, f)}" for a, f in fields.items()
                     if getattr(conv, f) != getattr(self.conv, f)]
+        act = getattr(stock, "act", None)
+        if type(act) is not type(self.act):
+            mismatch.append(f"act={type(act).__name__} vs {type(self.act).__name__}")
         if mismatch:
             raise ConversionError(f"stock {type(stock).__name__} vs SAConv2d: {', '.join(mismatch)}")
         self.load_state_dict(stock.state_dict())
