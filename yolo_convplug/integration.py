@@ -326,6 +326,7 @@ def patch_tasks(tasks: types.ModuleType | None = None) -> None:
     setattr(tasks, _HELPER, lambda *roles: frozenset().union(*(classes_with_role(r) for r in roles)))
     _patch_fuse(tasks)
     patch_load(tasks)
+    __import__("importlib").import_module(".calibrate", __package__).install()  # calibrated warm start, training
     patch_yaml_lookup(tasks)
     try:
         patched = _patched_parse_model(tasks)

@@ -13,7 +13,11 @@ the same index of the checkpoint:
 - anything else (another architecture or scale): the layer stays fresh.
 
 In the last two cases none of the checkpoint's ``model.<i>.*`` tensors reach the layer; everything else loads as
-Ultralytics does. One line per plug-in layer that was not loaded as is follows Ultralytics' "Transferred N/M items".
+Ultralytics does. One line per plug-in layer that was not loaded as is follows Ultralytics' "Transferred N/M items",
+saying its outcome: ``exact`` (converted; the class's ``conversion_error`` bounds the output error), ``approximate``
+(converted, no bound: ``conversion_error = None`` or no such attribute) or ``fresh``. The same outcomes are kept as
+data on the model, ``model._convplug_warm_start`` (see :func:`convert_layers`); approximate and fresh layers are
+what :mod:`yolo_convplug.calibrate` fits to the stock layers before training.
 """
 
 from __future__ import annotations
@@ -41,15 +45,30 @@ class _WithoutLayers:
         return {k: v for k, v in self._model.state_dict(*args, **kwargs).items() if not k.startswith(self._prefixes)}
 
 
+def _record(i: int, name: str, source: str, outcome: str, detail: str) -> dict:
+    return {"layer": i, "module": name, "source": source, "outcome": outcome, "detail": detail}
+
+
+def summary_line(r: dict) -> str:
+    """The load summary's line for one record of ``model._convplug_warm_start``."""
+    if r["outcome"] == "fresh":
+        return f"layer {r['layer']} {r['module']}: {r['detail']}"
+    return f"layer {r['layer']} {r['module']} <- {r['source']}: {r['outcome']} ({r['detail']})"
+
+
 def convert_layers(model, source) -> tuple[list[str], tuple[str, ...]]:
     """Convert every plug-in layer of ``model`` from the stock layer at its index in ``source``.
+
+    Stores one record per plug-in layer that was not loaded as is in ``model._convplug_warm_start`` (plain data, so
+    it pickles into checkpoints): ``{"layer": i, "module": class name, "source": the checkpoint's class there,
+    "outcome": "exact" | "approximate" | "fresh", "detail": text}``; calibration turns an outcome into "calibrated".
 
     Returns:
         the summary lines and the state-dict prefixes (``model.<i>.``) that the generic transfer must leave alone.
     """
     entries = {e.cls: e for e in registered().values()}
     src_layers = getattr(source, "model", None)
-    lines, prefixes = [], []
+    records, prefixes = [], []
     for i, layer in enumerate(getattr(model, "model", ())):
         entry = entries.get(type(layer))
         if entry is None:
@@ -61,15 +80,22 @@ def convert_layers(model, source) -> tuple[list[str], tuple[str, ...]]:
         prefixes.append(f"model.{i}.")
         src_name = type(src).__name__ if src is not None else "nothing"
         if src is None or not isinstance(src, replaced_classes(entry.cls, entry.role)):
-            lines.append(f"layer {i} {name}: checkpoint has {src_name} here, not a layer {name} replaces; skipped, fresh")
+            records.append(_record(i, name, src_name, "fresh", f"checkpoint has {src_name} here, not a layer {name} "
+                                                               "replaces; skipped, fresh"))
         elif not callable(getattr(layer, "convert_from", None)):
-            lines.append(f"layer {i} {name}: no conversion from {src_name}, fresh")
+            records.append(_record(i, name, src_name, "fresh", f"no conversion from {src_name}, fresh"))
         else:
             try:
-                lines.append(f"layer {i} {name} <- {src_name}: converted ({layer.convert_from(src)})")
+                detail = layer.convert_from(src)
             except ConversionError as e:
-                lines.append(f"layer {i} {name}: no conversion from {src_name}, fresh ({e})")
-    return lines, tuple(prefixes)
+                records.append(_record(i, name, src_name, "fresh", f"no conversion from {src_name}, fresh ({e})"))
+                continue
+            bound = getattr(type(layer), "conversion_error", None)
+            outcome = "approximate" if bound is None else "exact"
+            records.append(_record(i, name, src_name, outcome, str(detail)))
+    if records:
+        model._convplug_warm_start = records
+    return [summary_line(r) for r in records], tuple(prefixes)
 
 
 def patch_load(tasks: types.ModuleType) -> None:

@@ -2,6 +2,7 @@
 
 from .akconv import AKConv
 from .condconv import CondConv
+from .control import ConvControl
 from .dbb import DiverseBranchBlock
 from .dcnv2 import DCNv2
 from .dsconv import DSConv2d
@@ -14,4 +15,4 @@ from .spconv import SPConv
 from .spdconv import SPDConv
 
 __all__ = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster",
-           "SPDConv", "SPConv", "AKConv", "DySnakeConv", "DCNv2", "DiverseBranchBlock")
+           "SPDConv", "SPConv", "AKConv", "DySnakeConv", "DCNv2", "DiverseBranchBlock", "ConvControl")

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 
-def load_images(data: str, n: int = 16, imgsz: int = 160) -> torch.Tensor:
-    """The first ``n`` validation images of a data YAML, resized to ``imgsz`` square, as a float (n, 3, s, s) batch."""
+def load_images(data: str, n: int = 16, imgsz: int = 160, split: str = "val") -> torch.Tensor:
+    """The first ``n`` images of a data YAML's ``split``, resized to ``imgsz`` square, as a float (n, 3, s, s) batch."""
     import cv2
     from ultralytics.data.utils import check_det_dataset
 
-    val = check_det_dataset(data)["val"]
+    val = check_det_dataset(data)[split]
     files = sorted(p for p in Path(val).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
     images = [cv2.resize(cv2.imread(str(f)), (imgsz, imgsz))[:, :, ::-1] for f in files]
     return torch.from_numpy(np.stack(images).copy()).permute(0, 3, 1, 2).float() / 255
@@ -76,18 +76,33 @@ def validate(model, data: str, imgsz: int) -> float:
     return float(validator(model=copy.deepcopy(model))["metrics/mAP50-95(B)"])
 
 
-def check(weights: str, models: list[str], data: str, imgsz: int = 160) -> list[dict]:
-    """For each model YAML: mAP50-95 after conversion (no training) vs the stock checkpoint's, and layer errors."""
+def check(weights: str, models: list[str], data: str, imgsz: int = 160, calibrate_steps: int = 0,
+          calibrate_images: int = 32, sequential: bool = True) -> list[dict]:
+    """For each model YAML: mAP50-95 after conversion (no training) vs the stock checkpoint's, and layer errors;
+    with ``calibrate_steps`` > 0 also after calibrating on the first ``calibrate_images`` training images
+    (``mAP50-95 calibrated``, ``calibration``: the summary lines, ``calibrate_s``: the time it took)."""
+    import time
+
     from ultralytics.nn import tasks
+
+    from ..calibrate import calibrate
 
     load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
     stock = load(weights)[0].float().eval()
     images = load_images(data, imgsz=imgsz)
+    train_images = load_images(data, calibrate_images, imgsz, "train") if calibrate_steps else None
     rows = [{"model": Path(weights).name, "mAP50-95": validate(stock, data, imgsz), "layers": {}}]
     for yaml_name in models:
         model = converted_model(yaml_name, stock)
-        rows.append({"model": Path(yaml_name).stem, "mAP50-95": validate(model, data, imgsz),
-                     "layers": layer_errors(stock, model, images)})
+        row = {"model": Path(yaml_name).stem, "mAP50-95": validate(model, data, imgsz),
+               "layers": layer_errors(stock, model, images)}
+        if calibrate_steps:
+            t = time.perf_counter()
+            row["calibration"] = calibrate(model, stock, train_images, steps=calibrate_steps, sequential=sequential)
+            row["calibrate_s"] = time.perf_counter() - t
+            row["mAP50-95 calibrated"] = validate(model, data, imgsz)
+            row["layers calibrated"] = layer_errors(stock, model, images)
+        rows.append(row)
     return rows
 
 
@@ -105,13 +120,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the data YAML the checkpoint was trained on")
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--scale", default="n")
+    p.add_argument("--calibrate-steps", type=int, default=0,
+                   help="also calibrate each model (yolo_convplug.calibrate) with this many Adam steps per layer")
+    p.add_argument("--calibrate-images", type=int, default=32, help="training images used by the calibration")
+    p.add_argument("--stock-inputs", action="store_true",
+                   help="calibrate each layer on the stock layer's inputs instead of the partly calibrated model's")
     a = p.parse_args(argv)
     models = a.models or [resolve_variant(slug, scale=a.scale).model for slug in slugs()]
-    rows = check(a.weights, models, a.data, a.imgsz)
+    rows = check(a.weights, models, a.data, a.imgsz, a.calibrate_steps, a.calibrate_images, not a.stock_inputs)
     base = rows[0]["mAP50-95"]
-    print("| model | mAP50-95 before fine-tuning | vs stock | converted layers: relative error |")
-    print("|---|---:|---:|---|")
+    calibrated = any("calibration" in r for r in rows)
+    extra = " calibrated | vs stock | calibration s |" if calibrated else ""
+    print(f"| model | mAP50-95 before fine-tuning | vs stock |{extra} converted layers: relative error |")
+    print("|---|---:|---:|" + ("---:|---:|---:|" if calibrated else "") + "---|")
     for r in rows:
         layers = ", ".join(f"{i} {n} {e:.1e}" for i, (n, e) in r["layers"].items()) or "-"
-        print(f"| {r['model']} | {r['mAP50-95']:.3f} | {r['mAP50-95'] / base:.2f}x | {layers} |")
+        cal = ""
+        if calibrated:
+            m = r.get("mAP50-95 calibrated", r["mAP50-95"])
+            cal = f" {m:.3f} | {m / base:.2f}x | {r.get('calibrate_s', 0.0):.1f} |"
+        print(f"| {r['model']} | {r['mAP50-95']:.3f} | {r['mAP50-95'] / base:.2f}x |{cal} {layers} |")
+    for r in rows:
+        for line in r.get("calibration", ()):
+            print(f"{r['model']}: {line}")
     return 0

@@ -1,0 +1,167 @@
+"""Calibrated warm start: plug-in layers without an exact conversion are fitted to the stock layer at their index,
+exactly converted layers stay bit-identical, and ``yolo train ... pretrained=<stock .pt>`` calibrates before the
+first epoch (``YOLO_CONVPLUG_CALIBRATE=0`` skips it)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from conftest import CFG_MODELS, run_cli, scaled
+from module_checks import randomize_
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+import yolo_convplug
+from yolo_convplug.calibrate import reestimate_bn
+from yolo_convplug.research.data import make_shapes
+
+PREFIX = "yolo-convplug calibration: "
+LINE = re.compile(r"layer (\d+) (\w+): calibrated, error (\d+\.\d+) -> (\d+\.\d+) \((\d+) images, (\d+) steps, "
+                  r"\d+\.\d s\)")
+
+
+def stock_model() -> DetectionModel:
+    return randomize_(DetectionModel("yolov8n.yaml", nc=4, verbose=False), seed=5).eval()
+
+
+def mixed_yaml() -> dict:
+    """yolov8n-c2f-faster (approximate C2f_Faster layers) with layer 7 a ConvControl (exact conversion)."""
+    d = copy.deepcopy(yaml_model_load(scaled(CFG_MODELS / "yolov8-c2f-faster.yaml")))
+    d["backbone"][7] = [-1, 1, "ConvControl", [1024, 3, 2]]
+    return d
+
+
+def images() -> torch.Tensor:
+    """A smooth random batch in [0, 1] (upsampled noise), closer to images than white noise."""
+    g = torch.Generator().manual_seed(0)
+    return torch.nn.functional.interpolate(torch.rand(4, 3, 16, 16, generator=g), size=64, mode="bilinear")
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def layer_error(stock, model, i, x) -> float:
+    """Layer ``i``'s relative output error against the stock layer on the stock layer's own input."""
+    seen = {}
+    h = stock.model[i].register_forward_hook(lambda m, a, y: seen.update(x=a[0], y=y))
+    with torch.no_grad():
+        stock(x)
+        h.remove()
+        return rel_err(model.model[i].eval()(seen["x"]), seen["y"])
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "stock-inputs"])
+def test_calibration_lowers_each_fitted_layers_error_and_leaves_the_rest_bit_identical(sequential):
+    stock = stock_model()
+    model = DetectionModel(mixed_yaml(), nc=4, verbose=False)
+    model.load(stock, verbose=False)
+    outcomes = {r["layer"]: r["outcome"] for r in model._convplug_warm_start}
+    assert outcomes[7] == "exact"
+    fitted = [i for i, o in outcomes.items() if o == "approximate"]
+    assert fitted == [2, 4, 6, 8, 12, 15, 18, 21]
+    x = images()
+    before = {i: layer_error(stock, model, i, x) for i in fitted}
+    state = copy.deepcopy(model.state_dict())
+
+    lines = yolo_convplug.calibrate(model, stock, x, steps=20, sequential=sequential)
+
+    assert [int(LINE.fullmatch(line).group(1)) for line in lines] == fitted, lines
+    records = {r["layer"]: r for r in model._convplug_warm_start}
+    for i in fitted:
+        after = layer_error(stock, model, i, x)
+        assert after < 0.5 * before[i], (i, before[i], after)
+        assert records[i]["outcome"] == "calibrated" and records[i]["calibration"]["kept"]
+        assert records[i]["calibration"]["error_after"] < records[i]["calibration"]["error_before"]
+    assert records[7]["outcome"] == "exact"
+    for k, v in model.state_dict().items():
+        if not k.startswith(tuple(f"model.{i}." for i in fitted)):
+            assert torch.equal(v, state[k]), k
+
+
+def test_a_layer_whose_error_grows_is_restored_and_the_line_says_so():
+    stock = stock_model()
+    model = DetectionModel(scaled(CFG_MODELS / "yolov8-c2f-faster.yaml"), nc=4, verbose=False)
+    model.load(stock, verbose=False)
+    state = copy.deepcopy(model.state_dict())
+    lines = yolo_convplug.calibrate(model, stock, images(), steps=3, lr=50.0, layers=[2])  # diverges
+    assert len(lines) == 1 and "did not lower its error" in lines[0] and "left as it was" in lines[0], lines
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert next(r for r in model._convplug_warm_start if r["layer"] == 2)["outcome"] == "approximate"
+
+
+def test_exactly_converted_model_is_not_touched():
+    stock = stock_model()
+    model = DetectionModel(scaled(CFG_MODELS / "yolov8-control.yaml"), nc=4, verbose=False)
+    model.load(stock, verbose=False)
+    assert [r["outcome"] for r in model._convplug_warm_start] == ["exact"] * 3
+    state = copy.deepcopy(model.state_dict())
+    assert yolo_convplug.calibrate(model, stock, images()) == []
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[0], stock(x)[0])  # the control computes the stock model
+
+
+def test_bn_reestimation_keeps_the_eval_function_and_sets_the_batch_statistics():
+    torch.manual_seed(0)
+    layer = randomize_(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)), seed=1).eval()
+    x = torch.randn(6, 3, 10, 10) * 2 + 1
+    with torch.no_grad():
+        y = layer(x)
+        z = layer[0](x)
+    reestimate_bn(layer, x)
+    bn = layer[1]
+    torch.testing.assert_close(bn.running_mean, z.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, z.var((0, 2, 3), unbiased=True))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), y, rtol=1e-5, atol=1e-5)
+    assert bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("bad", [torch.rand(3, 64, 64), torch.zeros(2, 3, 64, 64, dtype=torch.uint8),
+                                 torch.rand(2, 1, 64, 64)], ids=["3d", "uint8", "1-channel"])
+def test_bad_images_are_refused_before_any_work(bad):
+    stock = stock_model()
+    model = DetectionModel(scaled(CFG_MODELS / "yolov8-scconv.yaml"), nc=4, verbose=False)
+    model.load(stock, verbose=False)
+    with pytest.raises(ValueError, match=r"calibrate: images must be a float \(B, 3, H, W\) batch"):
+        yolo_convplug.calibrate(model, stock, bad)
+    with pytest.raises(ValueError, match=r"calibrate: steps=0 is not valid"):
+        yolo_convplug.calibrate(model, stock, images(), steps=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_stock(tmp_path_factory):
+    """A stock yolov8n trained 1 epoch at imgsz 64 on a tiny shapes set, and that set's data YAML."""
+    root = tmp_path_factory.mktemp("calib")
+    data = make_shapes("shapes:train=16,val=8,imgsz=64", root=root / "shapes") / "data.yaml"
+    YOLO("yolov8n.yaml").train(data=str(data), epochs=1, imgsz=64, batch=8, workers=0, device="cpu", plots=False,
+                               val=False, project=str(root), name="stock", verbose=False)
+    return root / "stock" / "weights" / "last.pt", data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("enabled", [True, False], ids=["calibrates", "YOLO_CONVPLUG_CALIBRATE=0"])
+def test_cli_train_from_stock_checkpoint_calibrates_before_the_first_epoch(enabled, tiny_stock, tmp_path):
+    weights, data = tiny_stock
+    env = {"YOLO_CONVPLUG_CALIBRATE_STEPS": "5", "YOLO_CONVPLUG_CALIBRATE_IMAGES": "4"}
+    if not enabled:
+        env["YOLO_CONVPLUG_CALIBRATE"] = "0"
+    result = run_cli(["train", "model=yolov8n-scconv.yaml", f"pretrained={weights}", f"data={data}", "epochs=1",
+                      "imgsz=64", "batch=4", "workers=0", "device=cpu", "plots=False", "val=False",
+                      f"project={tmp_path}", "name=run"], env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    lines = [line.split(PREFIX, 1)[1] for line in out.splitlines() if PREFIX in line]
+    if not enabled:
+        assert lines == []
+        return
+    layers = [3, 5, 7, 16, 19]  # the ScConv layers of yolov8-scconv.yaml
+    assert [int(LINE.fullmatch(line).group(1)) for line in lines if LINE.fullmatch(line)] == layers, lines
+    assert all(LINE.fullmatch(line).group(5, 6) == ("4", "5") for line in lines)
+    assert out.index(PREFIX) > out.index("yolo-convplug warm start: layer 19 ScConv")  # after the load summary
+    assert out.index(PREFIX) < out.index("Starting training")

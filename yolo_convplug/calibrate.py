@@ -1,0 +1,251 @@
+"""Calibrated warm start: plug-in layers without an exact conversion learn the stock layer's function before training.
+
+A layer the warm start left ``fresh`` or only ``approximate`` (see :mod:`yolo_convplug.warm_start`) would make the
+fine-tuning measure its start rather than the module. :func:`calibrate` fits each such layer ``model.model[i]`` to
+the stock layer at the same index: it records the stock model's activations on a batch of real images (forward
+hooks), then minimises the normalised output error ``||f(x) - y_stock||^2 / ||y_stock||^2`` with a bounded number of
+Adam steps in eval mode (BN a fixed affine, so the stock statistics of copied parts stay valid), and finally
+re-estimates the layer's BN running statistics on the same inputs, folding the change into each BN's affine so the
+fitted function is kept. With ``sequential=True`` (default) a layer's input ``x`` is what the partly calibrated
+model itself feeds it, so earlier layers' remaining errors are compensated instead of compounding with depth; with
+``False`` it is the stock layer's input. A layer whose error does not drop is restored as it was.
+
+:func:`install` adds :func:`on_pretrain_routine_end` to Ultralytics' default callbacks (the start-up hook calls it),
+so ``yolo train model=<plug-in yaml> pretrained=<stock .pt>`` calibrates once, after the data loader is built and
+before the first epoch, on ``YOLO_CONVPLUG_CALIBRATE_IMAGES`` training images (default 32) with
+``YOLO_CONVPLUG_CALIBRATE_STEPS`` steps per layer (default 100); ``YOLO_CONVPLUG_CALIBRATE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+import types
+
+import torch
+
+DEFAULT_STEPS = 100
+DEFAULT_IMAGES = 32
+DEFAULT_LR = 3e-3
+NEEDS_CALIBRATION = ("approximate", "fresh")
+
+
+def _layer_io(model, indices, images: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Input and output of ``model.model[i]`` for each ``i`` on ``images`` (eval, no grad)."""
+    seen, hooks = {}, []
+    for i in indices:
+        hooks.append(model.model[i].register_forward_hook(lambda m, a, y, i=i: seen.__setitem__(i, (a[0], y))))
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    return seen
+
+
+def relative_error(layer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``||layer(x) - y|| / ||y||`` (Frobenius norms over the batch), ``layer`` in eval mode."""
+    training = layer.training
+    with torch.no_grad():
+        out = layer.eval()(x)
+    layer.train(training)
+    return ((out - y).norm() / y.norm().clamp_min(1e-12)).item()
+
+
+def reestimate_bn(layer, x: torch.Tensor) -> None:
+    """Set the running statistics of every BN inside ``layer`` to their averages over the batch ``x``, keeping the
+    layer's eval-mode function: each BN's affine ``gamma, beta`` absorbs the change of ``mean, var``.
+
+    So a layer fitted in eval mode keeps its fit, and a train-mode step (batch statistics) starts where eval is."""
+    bns = [m for m in layer.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine]
+    old = [(bn.running_mean.clone(), bn.running_var.clone(), bn.momentum) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    training = layer.training
+    with torch.no_grad():
+        layer.train()(x)
+        for bn, (mean, var, momentum) in zip(bns, old):
+            ratio = ((bn.running_var + bn.eps) / (var + bn.eps)).sqrt()
+            bn.bias += bn.weight * (bn.running_mean - mean) / (var + bn.eps).sqrt()
+            bn.weight *= ratio
+            bn.momentum = momentum
+    layer.train(training)
+
+
+def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = DEFAULT_LR) -> None:
+    """``steps`` Adam steps on ``||layer(x) - y||^2 / ||y||^2`` in eval mode (BN a fixed affine, so copied parts keep
+    their statistics), then BN statistics re-estimated on ``x`` without changing the function."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if params and steps:
+        opt = torch.optim.Adam(params, lr=lr)
+        scale = y.pow(2).sum().clamp_min(1e-12)
+        layer.eval()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = (layer(x) - y).pow(2).sum() / scale
+            loss.backward()
+            opt.step()
+    reestimate_bn(layer, x)
+
+
+def pending_layers(model, stock) -> list[int]:
+    """Indices of the plug-in layers to calibrate: warm-start outcome approximate or fresh, with a stock layer at the
+    same index of the class the module replaces (another architecture's layer gives no target)."""
+    from .registry import registered, replaced_classes
+
+    entries = {e.cls: e for e in registered().values()}
+    records = {r["layer"]: r for r in getattr(model, "_convplug_warm_start", ())}
+    out = []
+    for i, layer in enumerate(model.model):
+        entry = entries.get(type(layer))
+        if entry is None or i >= len(stock.model) or type(stock.model[i]) is type(layer):
+            continue
+        if not isinstance(stock.model[i], replaced_classes(entry.cls, entry.role)):
+            continue
+        record = records.get(i)
+        if record is not None:
+            needs = record["outcome"] in NEEDS_CALIBRATION
+        else:  # loaded some other way: judge by the class (no conversion, or one without a bound)
+            needs = getattr(type(layer), "conversion_error", None) is None
+        if needs:
+            out.append(i)
+    return out
+
+
+def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+              sequential: bool = True, layers: list[int] | None = None) -> list[str]:
+    """Fit every plug-in layer of ``model`` that has no exact conversion to the stock layer at its index.
+
+    Args:
+        model: a plug-in DetectionModel already loaded from ``stock`` (``model.load(stock)``, ``pretrained=``).
+        stock: the stock DetectionModel (float); only read.
+        images: a float (B, 3, H, W) batch in [0, 1], on the models' device.
+        steps: Adam steps per layer.
+        lr: Adam learning rate.
+        sequential: fit each layer on the input the partly calibrated ``model`` gives it (True) or on the stock
+            layer's input (False).
+        layers: the indices to calibrate; default :func:`pending_layers`.
+
+    Returns:
+        one summary line per layer; the layer's record in ``model._convplug_warm_start`` gets outcome
+        "calibrated" and a ``calibration`` dict (error before/after, images, steps, seconds, kept) when it improved.
+    """
+    is_batch = isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3
+    if not (is_batch and images.is_floating_point()):
+        raise ValueError(f"calibrate: images must be a float (B, 3, H, W) batch in [0, 1], got "
+                         f"{getattr(images, 'shape', type(images).__name__)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"calibrate: steps={steps!r} is not valid; use an integer >= 1, e.g. {DEFAULT_STEPS}")
+    indices = pending_layers(model, stock) if layers is None else list(layers)
+    if not indices:
+        return []
+    records = {r["layer"]: r for r in getattr(model, "_convplug_warm_start", ())}
+    targets = _layer_io(stock, indices, images)
+    training = model.training
+    lines = []
+    for i in indices:
+        t = time.perf_counter()
+        layer, name = model.model[i], type(model.model[i]).__name__
+        x = _layer_io(model, [i], images)[i][0] if sequential else targets[i][0]
+        y = targets[i][1]
+        if not isinstance(y, torch.Tensor) or layer.eval()(x[:1]).shape[1:] != y.shape[1:]:
+            lines.append(f"layer {i} {name}: not calibrated (its output shape differs from the stock layer's)")
+            continue
+        saved = copy.deepcopy(layer.state_dict())
+        before = relative_error(layer, x, y)
+        with torch.enable_grad():
+            fit_layer(layer, x, y, steps, lr)
+        after = relative_error(layer, x, y)
+        seconds = time.perf_counter() - t
+        kept = after < before
+        if not kept:
+            layer.load_state_dict(saved)
+        how = f"{len(images)} images, {steps} steps, {seconds:.1f} s"
+        if kept:
+            lines.append(f"layer {i} {name}: calibrated, error {before:.3f} -> {after:.3f} ({how})")
+        else:
+            lines.append(f"layer {i} {name}: calibration did not lower its error ({before:.3f} -> {after:.3f}, "
+                         f"{how}); left as it was")
+        record = records.get(i)
+        if record is not None:
+            record["calibration"] = {"error_before": before, "error_after": after, "images": len(images),
+                                     "steps": steps, "seconds": seconds, "kept": kept, "sequential": sequential}
+            if kept:
+                record["outcome"] = "calibrated"
+    model.train(training)
+    return lines
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r} is not valid; use an integer >= 1 (default {default})")
+    return int(value)
+
+
+def training_images(loader, n: int) -> torch.Tensor:
+    """The first ``n`` images of an Ultralytics train loader, float in [0, 1]."""
+    batches, count = [], 0
+    for batch in loader:
+        batches.append(batch["img"][: n - count])
+        count += len(batches[-1])
+        if count >= n:
+            break
+    return torch.cat(batches).float() / 255
+
+
+def on_pretrain_routine_end(trainer) -> None:
+    """Calibrate the trainer's model once before the first epoch (fresh runs with ``pretrained=<weights>`` only)."""
+    if os.environ.get("YOLO_CONVPLUG_CALIBRATE", "1") == "0" or trainer.args.resume or trainer.start_epoch > 0:
+        return
+    weights = trainer.args.pretrained
+    if not isinstance(weights, (str, os.PathLike)) or not getattr(trainer, "train_loader", None):
+        return
+    from ultralytics.utils import LOGGER, RANK
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    model = unwrap_model(trainer.model)
+    if not any(r["outcome"] in NEEDS_CALIBRATION for r in getattr(model, "_convplug_warm_start", ())):
+        return
+    if RANK in {-1, 0}:
+        from ultralytics.nn import tasks
+
+        load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
+        stock = load(weights)[0].float().to(trainer.device).eval()
+        images = training_images(trainer.train_loader, _env_int("YOLO_CONVPLUG_CALIBRATE_IMAGES", DEFAULT_IMAGES))
+        steps = _env_int("YOLO_CONVPLUG_CALIBRATE_STEPS", DEFAULT_STEPS)
+        for line in calibrate(model, stock, images.to(trainer.device), steps=steps):
+            LOGGER.info(f"yolo-convplug calibration: {line}")
+    if RANK != -1 and torch.distributed.is_initialized():  # every rank starts from rank 0's calibrated weights
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    if getattr(trainer, "ema", None) is not None:  # the EMA was copied from the model before this callback
+        trainer.ema.ema.load_state_dict(model.state_dict())
+
+
+def install() -> None:
+    """Add :func:`on_pretrain_routine_end` to Ultralytics' default callbacks (idempotent)."""
+    from ultralytics.utils.callbacks.base import default_callbacks
+
+    hooks = default_callbacks.setdefault("on_pretrain_routine_end", [])
+    if on_pretrain_routine_end not in hooks:
+        hooks.append(on_pretrain_routine_end)
+
+
+class _CallableModule(types.ModuleType):
+    """``yolo_convplug.calibrate`` names both this module and its function (the import system binds the package
+    attribute to the module once it is imported), so calling the module calls :func:`calibrate`."""
+
+    def __call__(self, *args, **kwargs):
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
