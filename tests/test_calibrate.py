@@ -138,7 +138,7 @@ def test_bad_images_are_refused_before_any_work(bad):
 def tiny_stock(tmp_path_factory):
     """A stock yolov8n trained 1 epoch at imgsz 64 on a tiny shapes set, and that set's data YAML."""
     root = tmp_path_factory.mktemp("calib")
-    data = make_shapes("shapes:train=16,val=8,imgsz=64", root=root / "shapes") / "data.yaml"
+    data = make_shapes("shapes:train=16,val=8,imgsz=64", root=root / "shapes")
     YOLO("yolov8n.yaml").train(data=str(data), epochs=1, imgsz=64, batch=8, workers=0, device="cpu", plots=False,
                                val=False, project=str(root), name="stock", verbose=False)
     return root / "stock" / "weights" / "last.pt", data
