@@ -3,6 +3,8 @@ another batch size, warm start from a stock Conv, the attention's BN at batch 1,
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,3 +213,63 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_bad_noise_raises_value_error():
     with pytest.raises(ValueError, match=r"ODConv: noise=-0\.1"):
         ODConv(16, 32).convert_from(Conv(16, 32, 3), noise=-0.1)
+
+
+# --- the official temperature schedule -----------------------------------------------------------------------------
+
+
+def test_annealed_temperature_falls_linearly_to_one_over_its_epochs():
+    """The official schedule (30 -> 1 over 10 epochs), by epoch; without anneal_epochs the temperature is fixed."""
+    m = ODConv(16, 16, temperature=30.0, anneal_epochs=10)
+    seen = []
+    for epoch in (0, 1, 5, 9, 10, 25):
+        m.epoch.fill_(epoch)
+        seen.append(m.current_temperature())
+    assert seen == pytest.approx([30.0, 27.1, 15.5, 3.9, 1.0, 1.0])
+    assert ODConv(16, 16, temperature=2.0).current_temperature() == 2.0
+    with pytest.raises(ValueError, match=r"ODConv: temperature=0.5 is not valid; annealing goes down to 1"):
+        ODConv(16, 16, temperature=0.5, anneal_epochs=10)
+    with pytest.raises(ValueError, match=r"ODConv: anneal_epochs=-1 is not valid"):
+        ODConv(16, 16, anneal_epochs=-1)
+
+
+def test_the_temperature_divides_every_logit():
+    """At epoch 0 the module computes what the fixed-temperature module of T = 30 computes (same weights)."""
+    torch.manual_seed(0)
+    annealed = randomize(ODConv(16, 32, 3, 2, temperature=30.0, anneal_epochs=10)).eval()
+    fixed = ODConv(16, 32, 3, 2, temperature=30.0).eval()
+    fixed.load_state_dict({k: v for k, v in annealed.state_dict().items() if k != "epoch"})
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(annealed(x), fixed(x))
+        annealed.epoch.fill_(10)
+        fixed.temperature = 1.0
+        assert torch.equal(annealed(x), fixed(x))
+
+
+def test_ultralytics_training_anneals_the_model_and_its_ema(tiny_data, tmp_path):
+    """A real 2-epoch training of yolov8n-odconv with the schedule (9th-10th YAML arguments): the callback that
+    importing the module registers sets every epoch on the trained model and on the EMA copy that is saved."""
+    from conftest import CFG_MODELS
+    from ultralytics import YOLO
+    from ultralytics.utils.callbacks.base import get_default_callbacks
+
+    from yolo_convplug.modules.odconv import set_odconv_epoch
+
+    assert set_odconv_epoch in get_default_callbacks()["on_train_epoch_start"]
+    text = (CFG_MODELS / "yolov8-odconv.yaml").read_text()
+    rows = text.count("ODConv, [")
+    text = re.sub(r"(ODConv, \[\d+, 3, 2)\]\]", r"\1, None, 1, 1, True, 4, 0.0625, 30.0, 10]]", text)
+    assert text.count("30.0, 10]]") == rows > 0
+    path = tmp_path / "yolov8n-odconv-annealed.yaml"
+    path.write_text(text)
+    seen = []
+    model = YOLO(str(path))
+    model.add_callback("on_train_batch_start", lambda t: seen.append(
+        sorted({m.current_temperature() for m in t.model.modules() if isinstance(m, ODConv)})))
+    model.train(data=str(tiny_data), epochs=2, imgsz=64, batch=4, workers=0, device="cpu", plots=False, val=False,
+                project=str(tmp_path), name="run", exist_ok=True, verbose=False)
+    assert seen[0] == [30.0] and seen[-1] == [pytest.approx(27.1)]
+    saved = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["model"]  # the EMA, stripped
+    layers = [m for m in saved.modules() if isinstance(m, ODConv)]
+    assert len(layers) == rows and all(int(m.epoch) == 1 for m in layers)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register
-from ._utils import require_number
+from ._utils import require, require_int, require_number
 from .dynamic import DynamicKernelConv, per_sample_conv_macs
 
 
@@ -56,20 +56,32 @@ class ODConv(DynamicKernelConv):
         kernel_num (int): Number of kernels ``n`` (the paper's 1x and 4x use 1 and 4).
         reduction (float): Width of the attention's hidden layer relative to c1, in (0, 1] (the paper uses 1/16),
             at least 16.
-        temperature (float): Softmax/sigmoid temperature ``T`` > 0.
+        temperature (float): Softmax/sigmoid temperature ``T`` > 0; with ``anneal_epochs`` its value at the start.
+        anneal_epochs (int): 0 (default): ``T`` stays constant. ``E > 0``: the official schedule (from Dynamic
+            Convolution), ``T`` falls linearly from ``temperature`` (30 there) to 1 over the first ``E`` epochs
+            (10 there) of an Ultralytics training, ``T = 1 + (temperature - 1) · max(0, 1 - epoch / E)``, then
+            stays 1. The epoch is a buffer, set at every epoch's start by a callback that importing this module
+            adds to Ultralytics' default callbacks; it is saved with the weights, so a trained model keeps its ``T``.
     """
+
+    anneal_epochs = 0  # the default for modules pickled before the schedule existed
 
     # convert_from's 1% noise, averaged over the n >= 1 kernels: kernel error 1%/sqrt(n) <= 1%
     conversion_error = 0.015
 
     def __init__(self, c1, c2, k=3, s=1, p=None, g=1, d=1, act=True, kernel_num=4, reduction=0.0625,
-                 temperature=1.0):
+                 temperature=1.0, anneal_epochs=0):
         """Build the kernels, the attention branch (shared FC, BN, ReLU and four heads), BN and the activation."""
         super().__init__(c1, c2, k, s, p, g, d, kernel_num, "kernel_num")
         name = type(self).__name__
         require_number(name, "reduction", reduction, 0, 1, "use a ratio in (0, 1], e.g. 0.0625", low_open=True)
         require_number(name, "temperature", temperature, 0, float("inf"), "use a number > 0, e.g. 1.0", low_open=True)
-        self.temperature = temperature
+        require_int(name, "anneal_epochs", anneal_epochs, 0)
+        require(not anneal_epochs or temperature >= 1, name, "temperature", temperature,
+                "annealing goes down to 1: start at a temperature >= 1 (the official schedule starts at 30)")
+        self.temperature, self.anneal_epochs = temperature, anneal_epochs
+        if anneal_epochs:
+            self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
         hidden = max(int(c1 * reduction), 16)
         self.fc = nn.Linear(c1, hidden, bias=False)
         self.fc_bn = nn.BatchNorm1d(hidden)
@@ -85,6 +97,13 @@ class ODConv(DynamicKernelConv):
                     nn.init.zeros_(fc.bias)
         self.build_output(act)
 
+    def current_temperature(self) -> float:
+        """``T`` now: ``temperature``, or with ``anneal_epochs`` its linear decay to 1 at the current epoch."""
+        if not self.anneal_epochs:
+            return self.temperature
+        remaining = max(0.0, 1 - int(self.epoch) / self.anneal_epochs)
+        return 1 + (self.temperature - 1) * remaining
+
     def attentions(self, x):
         """Per-sample ``(a_s (B, k·k), a_c (B, c1), a_f (B, c2), a_w (B, n))``; a missing head's attention is
         None (``a_s`` at k = 1, ``a_f`` depth-wise, ``a_w`` at n = 1)."""
@@ -95,7 +114,7 @@ class ODConv(DynamicKernelConv):
         else:
             z = self.fc_bn(z)
         z = F.relu(z)
-        t = self.temperature
+        t = self.current_temperature()
         a_s, a_c, a_f = (None if fc is None else 2 * torch.sigmoid(fc(z) / t)
                          for fc in (self.attn_spatial, self.attn_in, self.attn_out))
         a_w = None if self.attn_kernel is None else torch.softmax(self.attn_kernel(z) / t, 1)
@@ -128,3 +147,25 @@ class ODConv(DynamicKernelConv):
                 head.weight.zero_()
                 head.bias.zero_()
         return f"{description}, attentions neutral"
+
+
+def set_odconv_epoch(trainer) -> None:
+    """Ultralytics callback (``on_train_epoch_start``): give every annealing ODConv of the trained model and of its
+    EMA copy (which validates and is saved) the epoch that starts."""
+    ema = getattr(getattr(trainer, "ema", None), "ema", None)
+    for model in (trainer.model, ema):
+        for m in model.modules() if model is not None else ():
+            if isinstance(m, ODConv) and m.anneal_epochs:
+                m.epoch.fill_(trainer.epoch)
+
+
+def _add_callback() -> None:
+    """Add :func:`set_odconv_epoch` to the callbacks every Ultralytics trainer starts with (once)."""
+    from ultralytics.utils.callbacks.base import default_callbacks
+
+    callbacks = default_callbacks["on_train_epoch_start"]
+    if set_odconv_epoch not in callbacks:
+        callbacks.append(set_odconv_epoch)
+
+
+_add_callback()
