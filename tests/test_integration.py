@@ -147,12 +147,51 @@ def test_unknown_module_names_layer_and_closest_names():
 def test_bad_arguments_name_layer_and_expected_args():
     d = _yolov8n_dict()
     d["backbone"][3] = [-1, 1, "SAConv2d", [256, 3, 2, None, 1, 1, True, 5, 6, 7, 8, 9]]
-    with pytest.raises(yolo_convplug.ModelYamlError, match=r"layer 3 .*SAConv2d could not be built.*Expected YAML args"):
+    match = r"layer 3 .*SAConv2d could not be built.*Expected YAML args"
+    with pytest.raises(yolo_convplug.ModelYamlError, match=match):
         parse_model(d, ch=3, verbose=False)
     d = _yolov8n_dict()
     d["head"][0] = [-1, 1, "nn.Upsample"]  # a row with three fields
     with pytest.raises(yolo_convplug.ModelYamlError, match=r"layer 10 .*\[from, repeats, module, \[args\]\]"):
         parse_model(d, ch=3, verbose=False)
+
+
+class _DownloadFails(nn.Module):
+    """A stand-in for a stock layer whose weight download fails (Ultralytics' TorchVision layer offline)."""
+
+    def __init__(self, *args):
+        super().__init__()
+        from urllib.error import URLError
+
+        raise URLError("no network")
+
+
+def test_environment_errors_of_stock_layers_keep_their_type(monkeypatch):
+    """Code that catches OSError/URLError around a model build keeps working; the layer is added as a note."""
+    from urllib.error import URLError
+
+    monkeypatch.setattr(nn, "ConvplugDownloadFails", _DownloadFails, raising=False)
+    d = _yolov8n_dict()
+    d["backbone"][1] = [-1, 1, "nn.ConvplugDownloadFails", []]
+    with pytest.raises(URLError) as info:
+        parse_model(d, ch=3, verbose=False)
+    assert not isinstance(info.value, yolo_convplug.ModelYamlError)
+    assert any("model YAML layer 1" in note for note in info.value.__notes__)
+
+
+def test_wrong_arguments_to_a_stock_layer_are_a_yaml_mistake():
+    d = _yolov8n_dict()
+    d["backbone"][1] = [-1, 1, "Conv", [128, 3, 2, None, 1, 1, True, "extra"]]  # one argument too many
+    with pytest.raises(yolo_convplug.ModelYamlError, match=r"layer 1 .*Conv could not be built.*TypeError"):
+        parse_model(d, ch=3, verbose=False)
+
+
+def test_package_exports_every_module_class():
+    """``from yolo_convplug import *`` and the lazy attributes name exactly the module classes that exist."""
+    from yolo_convplug import modules
+
+    assert set(yolo_convplug._MODULE_CLASSES) == set(modules.__all__)
+    assert all(getattr(yolo_convplug, name) is getattr(modules, name) for name in modules.__all__)
 
 
 def test_unrecognised_parse_model_names_version_and_range():
@@ -217,6 +256,25 @@ def test_fresh_process_without_import_builds_plugin_yaml():
     assert "CondConv" in result.stdout
 
 
+def test_ultralytics_import_stays_lazy():
+    """``from ultralytics import YOLO`` imports nothing heavy because of us (Ultralytics defers torchvision), and a
+    stock YAML builds without our module files; a YAML naming our modules loads them, still without torchvision."""
+    code = (
+        "import sys\nfrom ultralytics import YOLO\n"
+        "heavy = ('torchvision', 'onnx', 'torch.onnx', 'yolo_convplug.modules', 'yolo_convplug.research')\n"
+        "print(*[m for m in heavy if m in sys.modules])\n"
+        "YOLO('yolov8n.yaml')\nprint(*[m for m in heavy if m in sys.modules])\n"
+        "YOLO('yolov8n-saconv.yaml')\nprint('torchvision' in sys.modules, 'yolo_convplug.modules' in sys.modules)"
+    )
+    for env in ({}, {"YOLO_CONVPLUG_DISABLE": "1"}):
+        result = run_python(code if not env else code.rsplit("\n", 2)[0], env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = result.stdout.splitlines()
+        assert lines[:2] == ["", ""], (env, result.stdout)
+        if not env:
+            assert lines[2] == "False True", result.stdout
+
+
 def test_disable_env_turns_the_hook_off():
     code = "from ultralytics import YOLO\nYOLO('model_yamls/yolov8n-saconv.yaml')"
     result = run_python(code, env={"YOLO_CONVPLUG_DISABLE": "1"})
@@ -224,7 +282,7 @@ def test_disable_env_turns_the_hook_off():
 
 
 def test_hook_is_cheap_and_imports_neither_torch_nor_ultralytics():
-    code = "import sys; print('torch' in sys.modules, 'ultralytics' in sys.modules, 'yolo_convplug_autoload' in sys.modules)"
+    code = "import sys; print(*(m in sys.modules for m in ('torch', 'ultralytics', 'yolo_convplug_autoload')))"
     result = run_python(code)
     assert result.stdout.split() == ["False", "False", "True"], result.stdout + result.stderr
     timing = run_python("pass", env={"PYTHONPROFILEIMPORTTIME": "1"})
@@ -241,7 +299,8 @@ def test_broken_install_never_breaks_python_start(tmp_path):
 
 
 def test_ultralytics_gflops_count_functional_convolutions():
-    """thop (Ultralytics' model.info) counts the kernels our modules compute: DSConv has Conv's FLOPs, SAConv two convs."""
+    """thop (Ultralytics' model.info) counts the kernels our modules compute: DSConv has Conv's FLOPs, SAConv two
+    convs."""
     from ultralytics.utils.torch_utils import get_flops
 
     base = get_flops(build("yolov8n.yaml"), 320)

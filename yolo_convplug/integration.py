@@ -23,8 +23,8 @@ import inspect
 import sys
 import types
 
-from .model_yaml import row_error, rows
-from .registry import classes_with_role, registered, yaml_parameters
+from .model_yaml import describe_row, row_error, rows
+from .registry import ROLES, classes_with_role, registered, yaml_parameters
 from .resolve import patch_yaml_lookup
 from .warm_start import patch_load
 
@@ -172,16 +172,19 @@ def ultralytics_roles() -> dict[str, str]:
     return dict(_ROLES)
 
 
-def _sync_names(tasks: types.ModuleType) -> None:
-    """Register the built-in modules (first call) and expose every registered class in ``tasks``' globals."""
+def _sync_names(tasks: types.ModuleType, d: dict) -> None:
+    """Import users' modules, and the built-in module files when a row of ``d`` names a module the parser does not
+    know yet (a stock YAML then imports nothing Ultralytics would not); expose every registered class in ``tasks``."""
     # Imported here, not at the top: the start-up hook patches ``tasks`` while Ultralytics is still importing it
     # (8.3.0 imports ``tasks`` eagerly from its package root), and our module files import Ultralytics' Conv/C2f.
-    import yolo_convplug.modules  # noqa: F401  (importing the module files registers them)
+    from . import registry
     from .plugins import load_user_modules
 
     load_user_modules()
-
-    for name, entry in registered().items():
+    names = {row[2] for row in rows(d) if isinstance(row, (list, tuple)) and len(row) > 2 and isinstance(row[2], str)}
+    unknown = {n for n in names if not n.startswith(("nn.", "torchvision.ops.")) and n not in vars(tasks)}
+    entries = registry.registered() if unknown else dict(registry._ENTRIES)
+    for name, entry in entries.items():
         setattr(tasks, name, entry.cls)
 
 
@@ -211,9 +214,10 @@ def _check_rows(d: dict, tasks: types.ModuleType) -> None:
 
 def _role_of(m, frame: dict | None = None) -> str | None:
     """The parser role of class ``m``: from the registry, else from Ultralytics' own sets."""
-    role = next((e.role for e in registered().values() if e.cls is m), None)
+    role = next((r for r in ROLES if m in classes_with_role(r)), None)
     if role is None and frame is not None:  # the live sets of the failing parse (8.3.100+ names them)
-        role = "repeat" if m in frame.get("repeat_modules", ()) else "conv" if m in frame.get("base_modules", ()) else None
+        repeat, conv = frame.get("repeat_modules", ()), frame.get("base_modules", ())
+        role = "repeat" if m in repeat else "conv" if m in conv else None
     return role or _ROLES.get(getattr(m, "__name__", None))
 
 
@@ -248,10 +252,29 @@ def _expected_args(m, frame: dict) -> str:
     return f" Expected YAML args ({where}): [{', '.join(names)}]."
 
 
+# What a wrong row (argument count or type, channel arithmetic, an index into ``ch``) raises while its layer is built
+YAML_MISTAKES = (TypeError, ValueError, IndexError, KeyError, AssertionError)
+
+
+def _is_yaml_mistake(m, error: Exception) -> bool:
+    """Whether ``error``, raised while building a layer of class ``m``, reports the row rather than the environment:
+    any error of a built-in module of ours (their argument checks), else one of ``YAML_MISTAKES``."""
+    ours = getattr(m, "__module__", "").startswith("yolo_convplug.modules")
+    return ours or isinstance(error, YAML_MISTAKES)
+
+
+def _add_note(error: Exception, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+: shown under the traceback); older Pythons keep it in ``__notes__``."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
 def _make_wrapper(tasks: types.ModuleType, patched, original):
     @functools.wraps(original)
     def parse_model(d, ch, verbose=True):
-        _sync_names(tasks)
+        _sync_names(tasks, d)
         _check_rows(d, tasks)
         try:
             return patched(d, ch, verbose)
@@ -261,12 +284,16 @@ def _make_wrapper(tasks: types.ModuleType, patched, original):
                 raise
             i, m = frame["i"], frame.get("m")
             layers = rows(d)
+            row = layers[i] if i < len(layers) else None
             name = getattr(m, "__name__", m)
+            if not _is_yaml_mistake(m, e):  # e.g. a stock layer's download error: its type is what callers catch
+                _add_note(e, f"yolo-convplug: raised while building {describe_row(i, row)} ({name})")
+                raise
             message = (
                 f"{name} could not be built with arguments {frame.get('args')!r} "
                 f"({type(e).__name__}: {e}).{_expected_args(m, frame)}"
             )
-            err = row_error(i, layers[i] if i < len(layers) else None, message)
+            err = row_error(i, row, message)
             err.original = e
             raise err from None
 

@@ -151,7 +151,10 @@ def unregister(name: str) -> None:
 
 
 def registered() -> dict[str, Entry]:
-    """A copy of the registry: name -> Entry(cls, role, macs, paper)."""
+    """A copy of the registry: name -> Entry(cls, role, macs, paper), the built-in modules included (their files are
+    imported on first call: the package root imports them lazily)."""
+    import yolo_convplug.modules  # noqa: F401  (importing the module files registers them)
+
     return dict(_ENTRIES)
 
 
