@@ -27,14 +27,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compat():
+    """``yolo_convplug/ultralytics_compat.py`` loaded by path: the package root would import Ultralytics and torch,
+    which the Python running this script need not have."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_convplug_compat", ROOT / "yolo_convplug" / "ultralytics_compat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COMPAT = _compat()
+
 DEFAULT_VERSIONS = ("8.3.0", "8.3.100", "latest")
 DEFAULT_TORCH = "torch==2.14.1 torchvision==0.29.1"
-SUPPORTED_MAJOR_MINOR = ((8, 3), (8, 4))
-
-
-def _parse_version(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split("."))
-
 
 def latest_supported(python: str = sys.executable) -> str:
     """The newest Ultralytics release whose major.minor is in the supported range."""
@@ -45,8 +54,8 @@ def latest_supported(python: str = sys.executable) -> str:
     if not listed:
         raise SystemExit(f"could not read `pip index versions ultralytics` output:\n{out}")
     versions = [v.strip() for v in listed.group(1).split(",") if re.fullmatch(r"\d+\.\d+\.\d+", v.strip())]
-    supported = [v for v in versions if _parse_version(v)[:2] in SUPPORTED_MAJOR_MINOR]
-    return max(supported, key=_parse_version)
+    supported = [v for v in versions if COMPAT.in_supported_range(v)]
+    return max(supported, key=COMPAT.parse_version)
 
 
 def _run(cmd: list[str], log, **kwargs) -> int:

@@ -75,8 +75,29 @@ def run_python(code: str, cwd: Path = ROOT, env: dict | None = None, timeout: in
     )
 
 
-def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 900
+            ) -> subprocess.CompletedProcess:
     """Run the ``yolo`` console script of this venv."""
     yolo = Path(sys.executable).with_name("yolo")
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(yolo), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def buildable_here(name) -> bool:
+    """Whether the installed Ultralytics builds the family of model YAML ``name`` (YOLO26 needs 8.4)."""
+    from yolo_convplug.ultralytics_compat import family_minimum, installed_version, parse_version
+
+    need = family_minimum(str(name))
+    return need is None or parse_version(installed_version())[: len(need)] >= need
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip parametrised cases whose model YAML the installed Ultralytics cannot build (the plug-in refuses them with
+    'YOLO26 YAMLs need Ultralytics >= 8.4'), so every supported release runs the rest green."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        names = [v for v in params.values() if isinstance(v, (str, Path)) and str(v).endswith((".yaml", ".yml"))]
+        names += [v.name for v in params.values() if isinstance(v, Path)]
+        too_new = next((n for n in names if not buildable_here(n)), None)
+        if too_new is not None:
+            item.add_marker(pytest.mark.skip(reason=f"{Path(str(too_new)).name} needs a newer Ultralytics"))

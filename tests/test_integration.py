@@ -186,6 +186,28 @@ def test_wrong_arguments_to_a_stock_layer_are_a_yaml_mistake():
         parse_model(d, ch=3, verbose=False)
 
 
+def test_yolo26_on_older_ultralytics_names_the_version_needed(monkeypatch):
+    monkeypatch.setattr(integration, "ultralytics_version", lambda: "8.3.0")
+    match = r"YOLO26 YAMLs need Ultralytics >= 8\.4 \(installed: 8\.3\.0\)"
+    with pytest.raises(yolo_convplug.UnsupportedUltralyticsError, match=match):
+        build(str(CFG_MODELS / "yolo26n-saconv.yaml"))
+    assert build("yolov8n.yaml")  # other families still build
+
+
+def test_supported_range_is_the_one_pyproject_declares():
+    from yolo_convplug import ultralytics_compat as compat
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    deps = tomllib.loads((CFG_MODELS.parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"ultralytics{compat.SUPPORTED_RANGE}" in deps
+    low, high = compat.SUPPORTED_RANGE.split(",")
+    assert compat.parse_version(low.lstrip(">=")) == compat.MINIMUM
+    assert compat.parse_version(high.lstrip("<")) == compat.BELOW
+    assert compat.in_supported_range("8.4.190") and not compat.in_supported_range("8.5.0")
+    assert not compat.in_supported_range("8.2.103") and compat.parse_version("8.4.0rc1") == (8, 4, 0)
+
+
 def test_package_exports_every_module_class():
     """``from yolo_convplug import *`` and the lazy attributes name exactly the module classes that exist."""
     from yolo_convplug import modules

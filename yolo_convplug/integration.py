@@ -20,15 +20,22 @@ import ast
 import difflib
 import functools
 import inspect
+import re
 import sys
 import types
 
 from .model_yaml import describe_row, row_error, rows
 from .registry import ROLES, classes_with_role, registered, yaml_parameters
 from .resolve import patch_yaml_lookup
+from .ultralytics_compat import (
+    SUPPORTED_RANGE,
+    family_minimum,
+    in_supported_range,
+    installed_version,
+    parse_version,
+)
 from .warm_start import patch_load
 
-SUPPORTED_RANGE = ">=8.3.0,<8.5"
 _HELPER = "_yolo_convplug_modules"  # injected into ultralytics.nn.tasks' globals, read by the patched parse_model
 
 
@@ -37,14 +44,7 @@ class UnsupportedUltralyticsError(RuntimeError):
 
 
 def ultralytics_version() -> str:
-    from importlib.metadata import version
-
-    return version("ultralytics")
-
-
-def _in_supported_range(ver: str) -> bool:
-    parts = tuple(int(p) for p in ver.split(".")[:2] if p.isdigit())
-    return (8, 3) <= parts < (8, 5)
+    return installed_version()
 
 
 def _set_names(node: ast.AST) -> set[str] | None:
@@ -271,9 +271,22 @@ def _add_note(error: Exception, note: str) -> None:
         error.__notes__ = [*getattr(error, "__notes__", []), note]
 
 
+def _check_family(d: dict) -> None:
+    """A model family newer than the installed Ultralytics (YOLO26 on 8.3) is refused by name before any layer."""
+    name = str(d.get("yaml_file") or "")
+    need = family_minimum(name)
+    if need and parse_version(ultralytics_version())[: len(need)] < need:
+        family = re.match(r"[a-z]+\d+", name.rsplit("/", 1)[-1].lower()).group(0).upper()
+        raise UnsupportedUltralyticsError(
+            f"{family} YAMLs need Ultralytics >= {'.'.join(map(str, need))} (installed: {ultralytics_version()}); "
+            f"{name} cannot be built here. Fix: pip install -U 'ultralytics{SUPPORTED_RANGE}'."
+        )
+
+
 def _make_wrapper(tasks: types.ModuleType, patched, original):
     @functools.wraps(original)
     def parse_model(d, ch, verbose=True):
+        _check_family(d)
         _sync_names(tasks, d)
         _check_rows(d, tasks)
         try:
@@ -360,7 +373,7 @@ def patch_tasks(tasks: types.ModuleType | None = None) -> None:
     except UnsupportedUltralyticsError as e:
         tasks.parse_model = _unsupported_wrapper(tasks, original, e)
         raise
-    if not _in_supported_range(ultralytics_version()):
+    if not in_supported_range(ultralytics_version()):
         print(
             f"WARNING yolo-convplug: Ultralytics {ultralytics_version()} is outside the tested range "
             f"{SUPPORTED_RANGE}; its parser shape was recognised, so the modules are enabled.",

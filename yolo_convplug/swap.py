@@ -85,7 +85,7 @@ def _known(name: str) -> bool:
     return name in registered() or isinstance(getattr(tasks, name, None), type)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def non_legacy_modules() -> frozenset[str]:
     """The modules whose presence makes Ultralytics build the modern Detect head: those whose ``if m is X:`` branch
     in the installed ``parse_model`` sets ``legacy = False`` (C3k2, A2C2f, C2fCIB in 8.4)."""

@@ -1,0 +1,34 @@
+"""What this package knows about Ultralytics releases, in one place: the supported range (``pyproject.toml``'s
+dependency must say the same; a test checks it), version parsing, and the model families a release can build."""
+
+from __future__ import annotations
+
+import re
+
+SUPPORTED_RANGE = ">=8.3.0,<8.5"
+MINIMUM, BELOW = (8, 3, 0), (8, 5)  # the range above as tuples: MINIMUM <= version < BELOW (compared on major.minor)
+FAMILY_MINIMUM = {"yolo26": (8, 4)}  # model families that older supported releases cannot build
+
+
+def parse_version(ver: str) -> tuple[int, ...]:
+    """``"8.4.190"`` -> ``(8, 4, 190)``; a suffix such as ``rc1`` or ``.dev0`` ends the numeric part."""
+    return tuple(int(p) for p in re.findall(r"\d+", re.match(r"[\d.]*", ver).group(0)))
+
+
+def installed_version() -> str:
+    """The installed Ultralytics' version, read from its distribution metadata (imports nothing)."""
+    from importlib.metadata import version
+
+    return version("ultralytics")
+
+
+def in_supported_range(ver: str) -> bool:
+    v = parse_version(ver)
+    return MINIMUM <= v and v[:2] < BELOW
+
+
+def family_minimum(yaml_name: str) -> tuple[int, ...] | None:
+    """The oldest release that builds the family of model YAML ``yaml_name`` (``yolo26n-saconv.yaml`` -> (8, 4)),
+    else None (no minimum beyond the supported range)."""
+    stem = re.split(r"[\\/]", str(yaml_name))[-1].lower()
+    return next((v for fam, v in FAMILY_MINIMUM.items() if re.match(rf"{fam}[nslmx]?(-|\.|$)", stem)), None)
