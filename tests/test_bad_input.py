@@ -24,8 +24,17 @@ from module_checks import takes_kernel_and_stride
 from ultralytics.nn.tasks import DetectionModel, parse_model
 
 import yolo_convplug
-from yolo_convplug import C2f_Faster, CondConv, DSConv2d, FasterBlock, ModelYamlError, PConv, SAConv2d, ScConv
-from yolo_convplug import integration
+from yolo_convplug import (
+    C2f_Faster,
+    CondConv,
+    DSConv2d,
+    FasterBlock,
+    ModelYamlError,
+    PConv,
+    SAConv2d,
+    ScConv,
+    integration,
+)
 from yolo_convplug.registry import registered
 
 INTEGRATION_PY = Path(integration.__file__).name

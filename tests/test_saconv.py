@@ -130,7 +130,10 @@ def test_switch_blends_the_two_dilations():
         m.weight_diff.normal_(0, 0.2)
     x = torch.randn(1, 8, 11, 11)
     w = m.standardized_weight()
-    bn = lambda y: F.batch_norm(y, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, False, 0, m.bn.eps)
+
+    def bn(y):
+        return F.batch_norm(y, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, False, 0, m.bn.eps)
+
     assert rel_err(m(x), bn(F.conv2d(x, w, None, 1, 1, 1))) < 1e-5
     with torch.no_grad():
         m.switch.bias.zero_()
@@ -463,7 +466,10 @@ def test_thop_rule_counts_the_deformable_sampling():
     sampling of k*k*c1 values per output position in each branch, 4 MACs each."""
     thop = pytest.importorskip("thop")
     x = torch.randn(1, 8, 12, 12)
-    macs = lambda m, inp=x: thop.profile(m, (inp,), verbose=False)[0]
+
+    def macs(m):
+        return thop.profile(m, (x,), verbose=False)[0]
+
     offset_macs = macs(nn.Conv2d(8, 2 * 2 * 9, 3, 2, 1))
     sampling = 2 * 4 * (6 * 6) * 8 * 9
     assert macs(SAConv2d(8, 16, 3, 2, deform=True)) - macs(SAConv2d(8, 16, 3, 2)) == offset_macs + sampling
