@@ -223,7 +223,7 @@ def test_annealed_temperature_falls_linearly_to_one_over_its_epochs():
     m = ODConv(16, 16, temperature=30.0, anneal_epochs=10)
     seen = []
     for epoch in (0, 1, 5, 9, 10, 25):
-        m.epoch.fill_(epoch)
+        m.set_train_epoch(epoch)
         seen.append(m.current_temperature())
     assert seen == pytest.approx([30.0, 27.1, 15.5, 3.9, 1.0, 1.0])
     assert ODConv(16, 16, temperature=2.0).current_temperature() == 2.0
@@ -248,8 +248,9 @@ def test_the_temperature_divides_every_logit():
 
 
 def test_ultralytics_training_anneals_the_model_and_its_ema(tiny_data, tmp_path):
-    """A real 2-epoch training of yolov8n-odconv with the schedule (9th-10th YAML arguments): the callback that
-    importing the module registers sets every epoch on the trained model and on the EMA copy that is saved."""
+    """A real 2-epoch training of yolov8n-odconv with the schedule (9th-10th YAML arguments), the YOLO object created
+    after the module's import: the callback sets every epoch on the trained model and on the EMA copy that is
+    saved."""
     from conftest import CFG_MODELS
     from ultralytics import YOLO
     from ultralytics.utils.callbacks.base import get_default_callbacks

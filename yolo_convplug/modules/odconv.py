@@ -60,8 +60,9 @@ class ODConv(DynamicKernelConv):
         anneal_epochs (int): 0 (default): ``T`` stays constant. ``E > 0``: the official schedule (from Dynamic
             Convolution), ``T`` falls linearly from ``temperature`` (30 there) to 1 over the first ``E`` epochs
             (10 there) of an Ultralytics training, ``T = 1 + (temperature - 1) · max(0, 1 - epoch / E)``, then
-            stays 1. The epoch is a buffer, set at every epoch's start by a callback that importing this module
-            adds to Ultralytics' default callbacks; it is saved with the weights, so a trained model keeps its ``T``.
+            stays 1. The epoch is a buffer saved with the weights (a trained model keeps its ``T``), set by
+            ``set_train_epoch`` at every epoch's start: importing this module adds :func:`set_odconv_epoch` to
+            Ultralytics' default callbacks, so trainers whose callbacks are copied after that import anneal.
     """
 
     anneal_epochs = 0  # the default for modules pickled before the schedule existed
@@ -96,6 +97,11 @@ class ODConv(DynamicKernelConv):
                 if fc.bias is not None:
                     nn.init.zeros_(fc.bias)
         self.build_output(act)
+
+    def set_train_epoch(self, epoch: int) -> None:
+        """Record the training epoch that starts (the annealing schedule's clock; no-op without annealing)."""
+        if self.anneal_epochs:
+            self.epoch.fill_(epoch)
 
     def current_temperature(self) -> float:
         """``T`` now: ``temperature``, or with ``anneal_epochs`` its linear decay to 1 at the current epoch."""
@@ -150,13 +156,13 @@ class ODConv(DynamicKernelConv):
 
 
 def set_odconv_epoch(trainer) -> None:
-    """Ultralytics callback (``on_train_epoch_start``): give every annealing ODConv of the trained model and of its
-    EMA copy (which validates and is saved) the epoch that starts."""
+    """Ultralytics callback (``on_train_epoch_start``): give every ODConv of the trained model and of its EMA copy
+    (which validates and is saved) the epoch that starts."""
     ema = getattr(getattr(trainer, "ema", None), "ema", None)
     for model in (trainer.model, ema):
         for m in model.modules() if model is not None else ():
-            if isinstance(m, ODConv) and m.anneal_epochs:
-                m.epoch.fill_(trainer.epoch)
+            if isinstance(m, ODConv):
+                m.set_train_epoch(trainer.epoch)
 
 
 def _add_callback() -> None:
