@@ -9,6 +9,9 @@ comes from it)::
     python scripts/check_versions.py --versions 8.3.0 latest --tests tests/test_integration.py tests/test_deploy.py
     python scripts/check_versions.py --venv-root runs/venvs --keep    # keep (and reuse) the venvs
 
+The oldest version also runs Ultralytics' own test suite with the plug-in on and off
+(``scripts/check_ultralytics_suite.py``; ``--suite-files test_cli.py ...`` for a subset, ``--no-suite`` to skip).
+
 ``latest`` is the newest release inside the supported range, as ``pip index versions ultralytics`` lists them.
 Each venv gets its own ``YOLO_CONFIG_DIR`` so an old release never rewrites the user's Ultralytics settings.
 """
@@ -92,7 +95,10 @@ def _summary(output: str) -> dict[str, int]:
     return counts
 
 
-def check(version: str, venv_root: Path, torch_spec: str, tests: list[str], log_dir: Path, extra=()) -> dict:
+def check(version: str, venv_root: Path, torch_spec: str, tests: list[str], log_dir: Path, extra=(),
+          suite: list[str] | None = None) -> dict:
+    """Install ``version`` in its venv and run ``tests``; with ``suite`` (file names, empty = all) also Ultralytics'
+    own test suite with the plug-in on and off (``scripts/check_ultralytics_suite.py``), which must agree."""
     venv = venv_root / f"ultralytics-{version}"
     log_path = log_dir / f"ultralytics-{version}.log"
     start = time.time()
@@ -112,9 +118,19 @@ def check(version: str, venv_root: Path, torch_spec: str, tests: list[str], log_
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         row["test_s"] = time.time() - t0
         log.write(proc.stdout + proc.stderr)
+        if suite is not None:
+            guard = [str(venv / "bin" / "python"), str(ROOT / "scripts" / "check_ultralytics_suite.py")]
+            guard += ["--files", *suite] if suite else []
+            log.write(f"\n$ {' '.join(guard)}\n")
+            log.flush()
+            t0 = time.time()
+            suite_proc = subprocess.run(guard, cwd=ROOT, env=env, capture_output=True, text=True)
+            row["suite_s"] = time.time() - t0
+            log.write(suite_proc.stdout + suite_proc.stderr)
+            row["suite"] = suite_proc.stdout.strip().splitlines()[-1:] or ["no output"]
     row["counts"] = _summary(proc.stdout)
     row["rc"] = proc.returncode
-    row["result"] = "pass" if proc.returncode == 0 else "FAIL"
+    row["result"] = "pass" if proc.returncode == 0 and (suite is None or suite_proc.returncode == 0) else "FAIL"
     row["failures"] = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     return row
 
@@ -144,10 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pip-extra", nargs="*", default=[], help="more requirements, e.g. onnxscript")
     ap.add_argument("--venv-root", type=Path, help="where the venvs go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the venvs; a run with the same --venv-root reuses them")
+    ap.add_argument("--suite-files", nargs="*", default=[], help="files of Ultralytics' own suite for the guard run "
+                    "on the oldest version (default: all)")
+    ap.add_argument("--no-suite", action="store_true", help="skip the guard run of Ultralytics' own suite")
     ap.add_argument("--log-dir", type=Path, default=ROOT / "runs" / "check_versions", help="one log per version")
     args = ap.parse_args(argv)
 
     versions = [latest_supported() if v == "latest" else v for v in args.versions]
+    oldest = min(versions, key=COMPAT.parse_version)
     venv_root = (args.venv_root or Path(tempfile.mkdtemp(prefix="convplug-versions-"))).resolve()
     venv_root.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -156,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         for version in versions:
             log = args.log_dir / f"ultralytics-{version}.log"
             print(f"ultralytics {version}: venv under {venv_root}, log {log}", flush=True)
-            row = check(version, venv_root, args.torch_spec, args.tests, args.log_dir, args.pip_extra)
+            suite = None if args.no_suite or version != oldest else args.suite_files
+            row = check(version, venv_root, args.torch_spec, args.tests, args.log_dir, args.pip_extra, suite)
             rows.append(row)
             print(f"  {row['result']} {row['counts']} (install {row['install_s']:.0f} s)", flush=True)
+            if "suite" in row:
+                print(f"  Ultralytics' own suite, plug-in vs stock ({row['suite_s']:.0f} s): {row['suite'][0]}")
             for line in row.get("failures", []):
                 print(f"    {line}", flush=True)
             if not args.keep:
