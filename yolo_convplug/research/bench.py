@@ -69,7 +69,7 @@ def measure_pair(module, stock, c1: int, hw: int, batch: int, repeats: int, warm
     """Times, params and GFLOPs of ``module`` and ``stock`` on a ``(batch, c1, hw, hw)`` input, and their ratios;
     ``compile``: each timed callable's model goes through ``torch.compile`` first (module and stock alike);
     ``device``/``amp`` (``fp16``, ``bf16``): where and under which autocast the timed passes run."""
-    wrap = torch.compile if compile else (lambda m: m)
+    wrap = (lambda m: torch.compile(m, dynamic=False)) if compile else (lambda m: m)  # one static graph per shape
     module, stock = module.to(device), stock.to(device)
     x = torch.randn(batch, c1, hw, hw, device=device)
     sync = torch.cuda.synchronize if x.is_cuda else None
