@@ -134,3 +134,13 @@ def test_cli_swap_refuses_without_traceback(tmp_path, monkeypatch, capsys, argv,
     err = capsys.readouterr().err
     assert err.startswith(match) and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_default_output_never_hides_a_shipped_yaml(tmp_path, monkeypatch, capsys):
+    """A swap whose natural name is a shipped YAML's (yolov8n-scconv.yaml) writes another name; an explicit -o of
+    such a name is written but warned about, since from that folder the name then builds the user's file."""
+    assert swap_mod.default_output("yolov8.yaml", "C2f=ScConv", "n").name == "yolov8n-scconv-swap.yaml"
+    assert swap_mod.default_output("yolov8.yaml", "Conv=SAConv2d", "n").name == "yolov8n-saconv2d.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["swap", "yolov8.yaml", "Conv=ScConv", "--scope", "1", "-o", "yolov8n-scconv.yaml"]) == 0
+    assert "now builds this file instead of the shipped yolov8-scconv.yaml" in capsys.readouterr().err

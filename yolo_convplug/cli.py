@@ -82,7 +82,7 @@ def _list(args) -> int:
 def _swap(args) -> int:
     from ultralytics.nn.tasks import guess_model_scale
 
-    from .swap import SwapError, default_output, load_model_yaml, scaled_name, swap_yaml
+    from .swap import SwapError, default_output, load_model_yaml, scaled_name, shadowed_yaml, swap_yaml
 
     try:
         d, src_scale = load_model_yaml(args.source)
@@ -93,6 +93,10 @@ def _swap(args) -> int:
         print(f"swap refused: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
+    hidden = shadowed_yaml(path)
+    if hidden is not None:
+        print(f"warning: from {path.parent}, the name {path.name} now builds this file instead of the shipped "
+              f"{hidden.name}; rename it (e.g. -o {path.stem}-swap.yaml) to keep both reachable", file=sys.stderr)
     if d.get("scales") and guess_model_scale(path) != scale:
         example = f"{scaled_name(Path(str(args.source)).stem, scale) or 'yolov8' + scale}-{path.stem}.yaml"
         print(

@@ -35,6 +35,7 @@ from .integration import ultralytics_roles
 from .model_yaml import ModelYamlError, row_error, rows
 from .plugins import load_user_modules
 from .registry import registered, yaml_parameters
+from .resolve import shipped_yaml
 
 SCOPES = ("all", "backbone", "head", "strided")
 # Heads that Ultralytics builds with a model class of their own (it picks them by file name: "-world", "yoloe", ...)
@@ -446,11 +447,21 @@ def scaled_name(stem: str, scale: str) -> str | None:
     return named if count and guess_model_scale(f"{named}.yaml") == scale else None
 
 
+def shadowed_yaml(path: str | Path) -> Path | None:
+    """The shipped model YAML that a file at ``path`` would hide when its name is used from that folder (a local file
+    wins over ours: ``yolov8n-scconv.yaml`` there builds instead of the shipped ``yolov8-scconv.yaml``), else None."""
+    name = Path(path).name
+    unscaled = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", name)  # Ultralytics' own rule in yaml_model_load
+    return shipped_yaml(name) or shipped_yaml(unscaled)
+
+
 def default_output(source, rules, scale: str) -> Path:
-    """``<source stem with scale>-<targets>.yaml`` in the current folder, e.g. ``yolo26n-saconv2d.yaml``."""
+    """``<source stem with scale>-<targets>.yaml`` in the current folder, e.g. ``yolo26n-saconv2d.yaml``; ending in
+    ``-swap.yaml`` where that name would hide a shipped YAML (see :func:`shadowed_yaml`)."""
     stem = Path(str(source)).stem if not isinstance(source, dict) else "model"
     targets = "-".join(dict.fromkeys(new.lower() for new in parse_rules(rules).values()))
-    return Path(f"{scaled_name(stem, scale) or stem}-{targets}.yaml")
+    out = Path(f"{scaled_name(stem, scale) or stem}-{targets}.yaml")
+    return out.with_name(f"{out.stem}-swap.yaml") if shadowed_yaml(out) else out
 
 
 def swap_yaml(source, rules, scope="all", out=None, scale=None, check=True):
