@@ -58,7 +58,8 @@ def _zero_parameters(module: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("train", [False, True])
 def test_c2f_faster_blocks_always_add_their_residual(shortcut, train):
     """FasterNet adds the residual in every block (Fig. 4, the official MLPBlock), whatever C2f's shortcut flag: a
-    block with all its parameters zeroed returns its input, and C2f_Faster with such blocks is cv2(cat(a, b, b, ...))."""
+    block with all its parameters zeroed returns its input, and C2f_Faster with such blocks is
+    cv2(cat(a, b, b, ...))."""
     m = _randomize_bn(C2f_Faster(16, 24, 3, shortcut)).train(train)
     for block in m.m:
         assert block.add
