@@ -144,3 +144,16 @@ def test_default_output_never_hides_a_shipped_yaml(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     assert main(["swap", "yolov8.yaml", "Conv=ScConv", "--scope", "1", "-o", "yolov8n-scconv.yaml"]) == 0
     assert "now builds this file instead of the shipped yolov8-scconv.yaml" in capsys.readouterr().err
+
+
+def test_scope_all_skips_layers_the_module_refuses(tmp_path, caplog):
+    """ScConv refuses layer 0 (3 RGB channels): a named scope keeps Conv there, says so, and swaps the rest;
+    an explicit layer list naming layer 0 is still refused."""
+    out = swap_yaml("yolov8.yaml", "Conv=ScConv", scope="backbone", out=tmp_path / "yolov8n-x.yaml")
+    d = yaml.safe_load(out.read_text())
+    assert d["backbone"][0][2] == "Conv" and [r[2] for r in d["backbone"][1:5:2]] == ["ScConv", "ScConv"]
+    text = out.read_text()
+    assert "layer 0 skipped: ScConv cannot serve it (ScConv: c1=3 is not valid" in text
+    assert "layer 0 kept Conv: ScConv cannot serve it" in caplog.text
+    with pytest.raises(SwapError, match=r"layer 0 .*c1=3 is not valid"):
+        swap_yaml("yolov8.yaml", "Conv=ScConv", scope="0,1")

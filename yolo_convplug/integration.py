@@ -307,7 +307,7 @@ def _make_wrapper(tasks: types.ModuleType, patched, original):
                 f"({type(e).__name__}: {e}).{_expected_args(m, frame)}"
             )
             err = row_error(i, row, message)
-            err.original = e
+            err.original, err.layer = e, i
             raise err from None
 
     parse_model.__wrapped__ = original

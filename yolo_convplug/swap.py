@@ -412,6 +412,28 @@ def verify(d: dict, scale: str = "", original: dict | None = None, ch: int = 3) 
     return None
 
 
+def _verify_skipping(new: dict, original: dict, changed: list, scale: str) -> tuple[str | None, list]:
+    """``verify`` for a named scope (``all``, ``backbone``, ...): a swapped layer whose module refuses the row with its
+    own argument check (a ``ValueError``, e.g. a module that needs more input channels than layer 0's 3) is put back
+    to the original module and reported instead of failing the swap. Edits ``new`` and ``changed`` in place; returns
+    (``verify``'s result, [(layer, module, reason)])."""
+    skipped = []
+    while True:
+        try:
+            return verify(new, scale, original=original), skipped
+        except SwapError as e:
+            cause = e.__cause__
+            i = getattr(cause, "layer", None)
+            swapped = {c[0]: c for c in changed}
+            if not (isinstance(getattr(cause, "original", None), ValueError) and i in swapped):
+                raise
+            rows(new)[i][:] = copy.deepcopy(rows(original)[i])
+            changed.remove(swapped[i])
+            skipped.append((i, swapped[i][2], str(cause.original)))
+            if not changed:
+                raise SwapError(f"no layer in scope can take the swap: {'; '.join(str(s) for s in skipped)}") from e
+
+
 def dump_model_yaml(d: dict, header: str = "") -> str:
     """Model dict -> YAML text in Ultralytics' layout: one flow-style row per layer, annotated with its index."""
     text = "".join(f"# {line}\n" for line in header.splitlines())
@@ -484,7 +506,18 @@ def swap_yaml(source, rules, scope="all", out=None, scale=None, check=True):
     """
     d, src_scale = load_model_yaml(source)
     new, changed = swap_dict(d, rules, scope)
-    unverified = verify(new, scale or src_scale, original=d) if check else "not checked (check=False)"
+    skipped = []
+    if not check:
+        unverified = "not checked (check=False)"
+    elif isinstance(scope, str) and scope in SCOPES:
+        unverified, skipped = _verify_skipping(new, d, changed, scale or src_scale)
+    else:
+        unverified = verify(new, scale or src_scale, original=d)
+    if skipped:
+        from ultralytics.utils import LOGGER
+
+        for i, module, why in skipped:
+            LOGGER.warning(f"yolo-convplug swap: layer {i} kept {rows(d)[i][2]}: {module} cannot serve it ({why})")
     if unverified and check:
         from ultralytics.utils import LOGGER
 
@@ -497,6 +530,7 @@ def swap_yaml(source, rules, scope="all", out=None, scale=None, check=True):
         f"(scope {scope}).\nLayer indices are unchanged; swapped layers: "
         f"{', '.join(f'{i} {a}->{b}' for i, a, b, _ in changed)}."
     )
+    header += "".join(f"\nlayer {i} skipped: {m} cannot serve it ({why})" for i, m, why in skipped)
     header += "".join(f"\nlayer {i} dropped {', '.join(x)} ({b} has no such argument)" for i, _, b, x in changed if x)
     if unverified:
         header += f"\nNot verified: {unverified}"
