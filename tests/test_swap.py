@@ -20,8 +20,9 @@ from yolo_convplug.swap import SwapError, load_model_yaml, parse_rules, swap_dic
                                                                        4: "C2f_Faster"}),
         ("yolo11n.yaml", "Conv=CondConv", "head", {17: "CondConv", 20: "CondConv"}),
         ("yolo11.yaml", "C3k2=C2f_Faster", "all", dict.fromkeys((2, 4, 6, 8, 13, 16, 19, 22), "C2f_Faster")),
-        # YOLO26's SPPF row [1024, 5, 3, True] has no stride: "strided" reads the argument named s, not args[2]
-        ("yolo26.yaml", "Conv=ScConv", "strided", dict.fromkeys((0, 1, 3, 5, 7, 17, 20), "ScConv")),
+        # YOLO26's SPPF row [1024, 5, 3, True] has no stride: "strided" reads the argument named s, not args[2];
+        # layer 0 (3 RGB channels) keeps Conv: ScConv refuses it, and a named scope skips such layers
+        ("yolo26.yaml", "Conv=ScConv", "strided", dict.fromkeys((1, 3, 5, 7, 17, 20), "ScConv")),
     ],
 )  # fmt: skip
 def test_swap_builds_and_keeps_indices(tmp_path, source, rules, scope, expect):
