@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
+from ._stock import copy_bn, stock_conv_bn
 from ._utils import check_conv_args, require, require_int, resolve_act
 
 
@@ -123,21 +124,15 @@ class AKConv(nn.Module):
         function (tap ``(u, v)`` is point ``u k + v``), offsets zero, BN copied. Raises ``ConversionError`` for
         another geometry, another number of points (the layer is then left to the calibrated warm start) or a
         fused ``Conv``."""
-        conv, bn = getattr(stock, "conv", None), getattr(stock, "bn", None)
-        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-            raise ConversionError(f"{type(stock).__name__} has no conv + bn pair (fused?); AKConv needs both")
-        k = conv.kernel_size[0]
-        expected = dict(in_channels=self.conv.in_channels, out_channels=self.conv.out_channels,
-                        stride=(self.stride, self.stride), groups=self.conv.groups, dilation=(1, 1),
-                        padding=(k // 2, k // 2))
-        mismatch = [f"{f}={getattr(conv, f)} vs {v}" for f, v in expected.items() if getattr(conv, f) != v]
-        if conv.kernel_size != (k, k) or k % 2 == 0 or k * k != self.num_points:
-            mismatch.append(f"kernel_size={conv.kernel_size} is not a grid of num_param={self.num_points} points")
-        if mismatch:
-            raise ConversionError(f"stock {type(stock).__name__} vs AKConv: {', '.join(mismatch)}")
+        k = math.isqrt(self.num_points)
+        if k * k != self.num_points or k % 2 == 0:
+            raise ConversionError(f"AKConv's num_param={self.num_points} points are not an odd k x k grid; no stock "
+                                  "Conv computes its function")
+        geometry = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, k, self.stride, k // 2,
+                             groups=self.conv.groups, bias=False, device="meta")
+        conv, bn = stock_conv_bn("AKConv", stock, geometry, self.act)
         self.conv.weight.copy_(conv.weight.flatten(2).unsqueeze(-1))
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
-        self.bn.load_state_dict(bn.state_dict())
-        self.bn.eps, self.bn.momentum = bn.eps, bn.momentum
+        copy_bn(self.bn, bn)
         return f"exact: the {k}x{k} kernel as {self.num_points} points at the initial shape, offsets zero, BN copied"

@@ -15,6 +15,7 @@ from ultralytics.nn.modules.conv import autopad
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
+from ._stock import copy_bn, stock_conv_bn
 from ._utils import check_conv_args, require, require_int, resolve_act
 
 MODES = ("ste", "shift")
@@ -239,25 +240,17 @@ class DSConv2d(nn.Module):
         (Frobenius norms), which bounds how far the converted layer's convolution is from the stock one.
 
         Raises:
-            ConversionError: the stock conv differs in kernel shape, stride, padding, dilation or groups, has a
+            ConversionError: the stock conv differs in geometry (c1, c2, k, s, p, g, d) or activation, has a
                 bias, or is fused (no BN).
         """
-        conv, theirs = self.conv, getattr(stock, "conv", None)
-        if not isinstance(theirs, nn.Conv2d) or not hasattr(stock, "bn"):
-            raise ConversionError("the stock layer has no conv + BN (fused or not a Conv); convert before fusing")
         if not hasattr(self, "bn"):
-            raise ConversionError("this layer is fused; convert before fusing")
-        geometry = ("weight.shape", "stride", "padding", "dilation", "groups")
-        ours = (tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
-        stock_geometry = (tuple(theirs.weight.shape), theirs.stride, theirs.padding, theirs.dilation, theirs.groups)
-        for name, a, b in zip(geometry, ours, stock_geometry):
-            if a != b:
-                raise ConversionError(f"stock conv {name} {b} != {a}")
+            raise ConversionError("this DSConv2d is fused; convert before fusing")
+        conv = self.conv
+        theirs, bn = stock_conv_bn("DSConv2d", stock, conv, self.act)
         if theirs.bias is not None:
             raise ConversionError("the stock conv has a bias (fused?); DSConv2d's conv has none")
         conv.weight.copy_(theirs.weight)
-        self.bn.load_state_dict(stock.bn.state_dict())
-        self.bn.eps = stock.bn.eps
+        copy_bn(self.bn, bn)
         for t, value in ((self.kds_bias, 0.0), (self.cds_weight, 1.0), (self.cds_bias, 0.0)):
             if t is not None:
                 t.fill_(value)

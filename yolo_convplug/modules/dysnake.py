@@ -13,6 +13,7 @@ from ultralytics.nn.modules.conv import Conv
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
+from ._stock import copy_bn, stock_conv_bn
 from ._utils import check_conv_args, fuse_convs, require, require_number, resolve_act
 from .akconv import sample_bilinear
 
@@ -125,18 +126,13 @@ class DySnakeConv(nn.Module):
     @torch.no_grad()
     def convert_from(self, stock: nn.Module) -> str:
         """Partial warm start (see the class docstring): standard branch = the stock ``Conv``, the 1x1 fusion passes
-        it through. Raises ``ConversionError`` for another geometry or a fused ``Conv``."""
-        conv, bn = getattr(stock, "conv", None), getattr(stock, "bn", None)
-        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or not hasattr(self.standard, "bn"):
-            raise ConversionError(f"{type(stock).__name__} has no conv + bn pair (fused?); DySnakeConv needs both")
+        it through. Raises ``ConversionError`` for another geometry or activation, or a fused ``Conv``."""
+        if not hasattr(self.standard, "bn"):
+            raise ConversionError("this DySnakeConv is fused; convert before fusing")
         own = self.standard.conv
-        fields = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
-        mismatch = [f"{f}={getattr(conv, f)} vs {getattr(own, f)}" for f in fields
-                    if getattr(conv, f) != getattr(own, f)]
-        if mismatch:
-            raise ConversionError(f"stock {type(stock).__name__} vs DySnakeConv's standard conv: {', '.join(mismatch)}")
-        self.standard.load_state_dict(stock.state_dict())
-        self.standard.bn.eps, self.standard.bn.momentum = bn.eps, bn.momentum
+        conv, bn = stock_conv_bn("DySnakeConv", stock, own, self.act)
+        own.weight.copy_(conv.weight)
+        copy_bn(self.standard.bn, bn)
         c2 = own.out_channels
         weight = self.project.conv.weight
         weight.zero_()

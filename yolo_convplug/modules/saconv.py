@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules.conv import autopad
 
-from ..registry import ConversionError, register
+from ..registry import register
 from ._deform import deform_conv
+from ._stock import stock_conv_bn
 from ._utils import check_conv_args, require, resolve_act
 
 
@@ -286,20 +287,10 @@ class SAConv2d(nn.Module):
 
         The kernel goes through the plain-convolution conversion of ``load_state_dict`` (``W_hat`` = the stock
         kernel), BN is copied (statistics, ``eps``, ``momentum``), the SAC tensors (offsets included) get their
-        initial values. Raises ``ConversionError`` naming the mismatch for another geometry or a fused ``Conv``.
+        initial values. Raises ``ConversionError`` naming the mismatch for another geometry or activation, or a
+        fused ``Conv``.
         """
-        conv, bn = getattr(stock, "conv", None), getattr(stock, "bn", None)
-        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-            raise ConversionError(f"{type(stock).__name__} has no conv + bn pair (fused?); SAConv2d needs both")
-        fields = dict(c1="in_channels", c2="out_channels", k="kernel_size", s="stride", p="padding", d="dilation",
-                      g="groups")
-        mismatch = [f"{a}={getattr(conv, f)} vs {getattr(self.conv, f)}" for a, f in fields.items()
-                    if getattr(conv, f) != getattr(self.conv, f)]
-        act = getattr(stock, "act", None)
-        if type(act) is not type(self.act):
-            mismatch.append(f"act={type(act).__name__} vs {type(self.act).__name__}")
-        if mismatch:
-            raise ConversionError(f"stock {type(stock).__name__} vs SAConv2d: {', '.join(mismatch)}")
+        _, bn = stock_conv_bn("SAConv2d", stock, self.conv, self.act)
         self.load_state_dict(stock.state_dict())
         self.bn.eps, self.bn.momentum = bn.eps, bn.momentum
         return "exact: W_hat = the stock kernel (gamma = std, beta = mean), BN copied, SAC tensors at their start"

@@ -13,6 +13,7 @@ from ultralytics.nn.modules.conv import autopad
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
+from ._stock import copy_bn, stock_conv_bn
 from ._utils import check_conv_args, require, resolve_act
 
 
@@ -94,21 +95,16 @@ class SPDConv(nn.Module):
         (``0 <= a < s``) that is SPD channel phase ``a`` at offset ``j``, i.e. SPD kernel tap ``j + k // 2``, which
         lies inside the ``k x k`` SPD kernel for the stock's own ``k`` (and dilations up to ``s``); BN is copied.
         Raises ``ConversionError`` naming the mismatch for another geometry (``c1``, ``c2``, ``k``, ``s``, ``g``, a
-        padding other than "same", a dilation whose taps leave the SPD kernel) or for a fused ``Conv``.
+        padding other than "same", a dilation whose taps leave the SPD kernel), another activation or for a fused
+        ``Conv``.
         """
-        conv, bn = getattr(stock, "conv", None), getattr(stock, "bn", None)
-        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-            raise ConversionError(f"{type(stock).__name__} has no conv + bn pair (fused?); SPDConv needs both")
         s, own = self.scale, self.conv
-        expected = dict(in_channels=own.in_channels // (s * s), out_channels=own.out_channels, stride=(s, s),
-                        kernel_size=own.kernel_size, groups=own.groups)
-        mismatch = [f"{f}={getattr(conv, f)} vs {v}" for f, v in expected.items() if getattr(conv, f) != v]
-        kh, kw = conv.kernel_size
-        (dh, dw), (ph, pw) = conv.dilation, conv.padding
-        if 2 * ph != dh * (kh - 1) or 2 * pw != dw * (kw - 1):
-            mismatch.append(f"padding={conv.padding} is not 'same' for kernel {conv.kernel_size}")
-        if mismatch:
-            raise ConversionError(f"stock {type(stock).__name__} vs SPDConv(s={s}): {', '.join(mismatch)}")
+        k = own.kernel_size[0]
+        dilation = getattr(getattr(stock, "conv", None), "dilation", (1, 1))  # any: the tap placement decides
+        geometry = nn.Conv2d(own.in_channels // (s * s), own.out_channels, k, s, [d * (k - 1) // 2 for d in dilation],
+                             dilation, own.groups, bias=False, device="meta")
+        conv, bn = stock_conv_bn(f"SPDConv(s={s})", stock, geometry, self.act)
+        (kh, kw), (dh, dw), (ph, pw) = conv.kernel_size, conv.dilation, conv.padding
         rows, cols = self._tap_places(kh, dh, ph), self._tap_places(kw, dw, pw)
         if rows is None or cols is None:
             raise ConversionError(f"stock kernel {conv.kernel_size} (dilation {conv.dilation}) reaches beyond the "
@@ -118,8 +114,7 @@ class SPDConv(nn.Module):
             for v, (b, w) in enumerate(cols):
                 weight[:, :, a, b, t, w] = conv.weight[:, :, u, v]
         own.weight.copy_(weight.view_as(own.weight))
-        self.bn.load_state_dict(bn.state_dict())
-        self.bn.eps, self.bn.momentum = bn.eps, bn.momentum
+        copy_bn(self.bn, bn)
         return "exact: the stock kernel's taps rearranged into the space-to-depth kernel (zeros elsewhere), BN copied"
 
     def _tap_places(self, k: int, d: int, p: int) -> list[tuple[int, int]] | None:
