@@ -135,3 +135,26 @@ def test_register_refuses_attributes_ultralytics_sets_on_layers(cls, attr):
     with pytest.raises(ValueError, match=match):
         yolo_convplug.register(cls, role="conv")
     assert cls.__name__ not in yolo_convplug.registered()
+
+
+def test_env_var_modules_import_from_the_working_directory(tmp_path):
+    """A console script (``yolo``) has no working directory on sys.path (``python -P`` reproduces that): a module
+    named in $YOLO_CONVPLUG_MODULES is still found in the working directory, and a missing one is named with the
+    folders searched and what to set."""
+    import subprocess
+    import sys
+
+    (tmp_path / "my_mod.py").write_text(USER_MODULE.format(name="my_mod", cls="CwdConv"))
+    _user_yaml(tmp_path, "CwdConv")
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def build(modules):
+        env = {**clean, "YOLO_CONVPLUG_MODULES": modules}
+        return subprocess.run([sys.executable, "-P", "-c", BUILD], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    r = build("my_mod")
+    assert r.returncode == 0 and "layer 1: CwdConv 32" in r.stdout, r.stderr[-3000:]
+    r = build("my_mod,no_such_mod")
+    line = next(x for x in r.stderr.splitlines() if "no_such_mod" in x)
+    assert f"in the working directory {tmp_path}" in line and "set PYTHONPATH" in line

@@ -105,8 +105,9 @@ def figures(monkeypatch):
         lines = [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines]
         hlines = [y[0] for x, y in lines if x == [0, 1] and len(set(y)) == 1]  # axhline: axes x from 0 to 1
         vlines = [x[0] for x, y in lines if y == [0, 1] and len(set(x)) == 1]
+        bands = [(p.get_bbox().y0, p.get_bbox().y1) for p in ax.patches if p.get_bbox().width > 0]
         saved.append(SimpleNamespace(title=fig._suptitle.get_text(), labels=labels, bars=len(bars), hlines=hlines,
-                                     vlines=vlines))  # fmt: skip
+                                     vlines=vlines, bands=bands))  # fmt: skip
         return original(fig, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", savefig)
@@ -127,7 +128,16 @@ def test_report_protocol_scratch_vs_pretrained(tmp_path, figures):
     # the plot: short labels with the change against the baseline, the baseline as a reference line
     assert figures[-1].labels == ["yolov8n (baseline)", "saconv +10.0%"]
     assert figures[-1].hlines == [0.50] and figures[-1].vlines == [10.0]  # the baseline's reference lines
-    assert figures[-1].bars == 0  # one seed: no error bars
+    assert figures[-1].bars == 0 and figures[-1].bands == []  # one seed, spread not measured: neither
+    assert "1 seed" in figures[-1].title and "seed spread not measured" in figures[-1].title
+
+
+def test_single_seed_plot_draws_the_protocol_spread_around_the_baseline(tmp_path, figures):
+    rows = [_row("yolov8n", 0, 0.50), _row("yolov8n-saconv", 0, 0.55)]
+    write_results(rows, tmp_path, Protocol("shapes", 20, 160, (0,), seed_spread=0.092))
+    (low, high), = figures[-1].bands  # the first panel's band: baseline ± the measured spread
+    assert (low, high) == (pytest.approx(0.50 - 0.092), pytest.approx(0.50 + 0.092))
+    assert "1 seed" in figures[-1].title and figures[-1].bars == 0
 
 
 def test_report_same_images_and_single_seed_noise(tmp_path):
@@ -246,6 +256,8 @@ def test_ablate_artefacts_progress_resume_and_finetune(tmp_path, capsys, monkeyp
     ablate(["baseline", "saconv"], **{**kw, "out": tmp_path / "ft"}, pretrained=str(weights))
     md = (tmp_path / "ft" / "results.md").read_text()
     assert md.splitlines()[0].endswith("fine-tuned from best.pt") and str(weights) in md
+    assert "- yolov8n: 355/355 tensors transferred" in md  # the same model: every tensor
+    assert "- yolov8n-saconv: " in md and "SAConv2d <- Conv: exact" in md  # each plug-in layer's warm start
     for v in ("yolov8n", "yolov8n-saconv"):
         assert "Transferred" in (tmp_path / "ft" / "runs" / v / "seed0" / "train.log").read_text()
     key = plan.settings_key(None, {"pretrained": str(weights)}, TINY)

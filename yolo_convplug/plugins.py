@@ -48,4 +48,25 @@ def load_user_modules() -> None:
         for ep in _entry_points():
             _load(f"ep:{ep.name}={ep.value}", f"entry point {ep.name} = {ep.value} (group {GROUP})", ep.load)
     for name in filter(None, (n.strip() for n in os.environ.get(ENV, "").split(","))):
-        _load(f"env:{name}", f"module {name!r} named in ${ENV}", lambda: importlib.import_module(name))
+        _load(f"env:{name}", f"module {name!r} named in ${ENV}", lambda name=name: _import_from_cwd(name))
+
+
+def _import_from_cwd(name: str) -> None:
+    """Import ``name`` as ``python -m`` would find it: the working directory first, then ``sys.path`` (a console
+    script such as ``yolo`` has its own folder, not the working directory, on ``sys.path``)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name.partition(".")[0]:
+            raise
+        raise ModuleNotFoundError(
+            f"no module named {name!r} in the working directory {cwd} or on sys.path; run from the folder that holds "
+            f"{name.replace('.', '/')}.py, or set PYTHONPATH to that folder"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)

@@ -15,10 +15,12 @@ the command line.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import textwrap
 from pathlib import Path
 
+from .checks import check_data, check_train_args, check_transfer, load_weights
 from .data import resolve_data, same_images
 from .execute import InProcess
 from .plan import (
@@ -40,6 +42,35 @@ from .workflow import parse_overrides
 
 class AblationFailed(RuntimeError):
     """Some runs of an ablation failed (the others finished and are reported)."""
+
+
+class AblationInterrupted(Exception):
+    """Ctrl-C: ``finished`` of ``total`` runs are done and kept in ``out``; the same command resumes."""
+
+    def __init__(self, finished: int, total: int, out: Path):
+        super().__init__(f"{finished} of {total} runs finished")
+        self.finished, self.total, self.out = finished, total, out
+
+
+def data_label(data_spec, data: str) -> str:
+    """The data as the report names it: a ``shapes`` spec as given, the generated set as ``shapes`` also when it was
+    the offline fallback, else the data YAML's file name."""
+    if str(data_spec).startswith("shapes"):
+        return str(data_spec)
+    return "shapes" if Path(data).parent.name.startswith("shapes-v") else Path(data).name
+
+
+def check_inputs(baseline, data: str, train_args: dict) -> tuple[int, int] | None:
+    """Check the train arguments, the data and the weights once, before any run (:mod:`.checks`); return the
+    (transferred, total) tensors of the baseline when fine-tuning."""
+    check_train_args(train_args)
+    local = Path(data).is_file()
+    nc = check_data(data).get("nc") if local or "/" in data else None  # a bare name (coco128.yaml) may download
+    weights = train_args.get("pretrained")
+    if not weights or not Path(str(weights)).suffix == ".pt" or not (Path(weights).is_file() or "/" in str(weights)):
+        return None  # training from scratch, or an Ultralytics weights name it downloads
+    source = load_weights(weights)
+    return check_transfer(weights, source, baseline.model, nc or int(getattr(source, "nc", 80)))
 
 
 def ablate(
@@ -82,7 +113,8 @@ def ablate(
     train_args.setdefault("nbs", train_args["batch"])  # one optimizer step per batch (see TRAIN_DEFAULTS)
     pretrained = train_args["pretrained"] or None
     kind = "finetune" if pretrained else "scratch"
-    label = str(data_spec) if str(data_spec).startswith("shapes") else Path(data).name
+    label = data_label(data_spec, data)
+    transfer = check_inputs(vs[0], data, train_args)
     protocol = Protocol(
         data=label,
         epochs=train_args["epochs"],
@@ -105,10 +137,16 @@ def ablate(
             progress.log(f"{heads[job]}: reused (done.json), mAP50-95 {row['mAP50-95']:.3f}")
     executor = InProcess(data, train_args, latency_runs, latency_threads, quiet)
     failed = []
-    for job, row, error in executor.run([(heads[j], j) for j in jobs if done[j] is None], progress):
-        if error is not None:
-            failed.append((job.variant.name, job.seed, error))
-        done[job] = row
+    if transfer:
+        n, total = transfer
+        progress.log(f"weights: {n}/{total} of the baseline's tensors take their values from {pretrained}")
+    try:
+        for job, row, error in executor.run([(heads[j], j) for j in jobs if done[j] is None], progress):
+            if error is not None:
+                failed.append((job.variant.name, job.seed, error))
+            done[job] = row
+    except KeyboardInterrupt:
+        raise AblationInterrupted(sum(row is not None for row in done.values()), len(jobs), out) from None
     rows = [row for row in done.values() if row is not None]
     if rows:
         paths = write_results(rows, out, protocol, settings_key(None, train_args, data), latency_threads)
@@ -119,11 +157,15 @@ def ablate(
         raise AblationFailed(
             f"{len(failed)} run(s) failed: "
             + "; ".join(f"{n} seed {s}: {type(e).__name__}: {e}" for n, s, e in failed)
-            + ". Rerun the same command to retry them; finished runs are reused."
+            + ". Each run's train.log has the cause; once it is fixed (or, for an interruption such as a lost device, "
+            "as is) the same command retries them and reuses the finished runs."
         )
     return rows
 
 
+# Minutes per default run on a 2-core CPU: from an idle machine (the 7 default variants in 13.5 minutes) to one
+# shared with other jobs (SAConv2d's runs up to 4 minutes).
+RUN_MINUTES = (1.9, 4)
 HELP = """\
 Train the baseline and module variants with identical settings and seeds; write a table and a plot.
 
@@ -140,12 +182,12 @@ differ from the baseline by more than their seed spread, and whether each best.p
 validation), results.png (mAP50-95 against CPU latency and GFLOPs), and runs/<variant>/seed<k>/ with Ultralytics'
 files and train.log. Rerunning the same command reuses finished runs (done.json) and redoes interrupted ones.
 
-Time: on a 2-core CPU one run at the defaults (shapes: 256 train / 64 val images, imgsz 160, 20 epochs, batch 16)
-takes about 3.5 to 4 minutes for yolov8n and most variants, up to 1.5x that for SAConv2d, so the {n} default
-variants take about {low} to {high} minutes per seed; other load on the machine makes it slower, and the console
-shows each epoch and the time left. On a GPU (device=0) an epoch takes seconds. The defaults suit short runs (AdamW
-lr0=0.003, lrf=0.2, one warm-up epoch, nbs=batch); for long runs on real data pass e.g. data=coco128.yaml imgsz=640
-epochs=100 optimizer=auto lrf=0.01 warmup_epochs=3 nbs=64, ideally on a GPU.
+Time: one run at the defaults (shapes: 256 train / 64 val images, imgsz 160, 20 epochs, batch 16) takes about
+{low_run} to {high_run} minutes on a 2-core CPU, depending on the CPU, the module (SAConv2d and ODConv are the slowest)
+and other load, so the {n} default variants take about {low} to {high} minutes per seed. The console shows each
+epoch and the time left, measured from the epochs and runs done so far. On a GPU (device=0) an epoch takes seconds.
+The defaults suit short runs (AdamW lr0=0.003, lrf=0.2, one warm-up epoch, nbs=batch); for long runs on real data
+pass e.g. data=coco128.yaml imgsz=640 epochs=100 optimizer=auto lrf=0.01 warmup_epochs=3 nbs=64, ideally on a GPU.
 
 Examples:
   convplug ablate                                # all variants on shapes, from scratch
@@ -162,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     shipped = "\n".join(f"  {f}: {', '.join(slugs(f))}" for f in families())
     p = argparse.ArgumentParser(
         prog="convplug ablate",
-        description=HELP.format(slugs=shipped, n=n, low=round(n * 3.5), high=round(n * 4.3)),
+        description=HELP.format(slugs=shipped, n=n, low_run=RUN_MINUTES[0], high_run=RUN_MINUTES[1],
+                                low=round(n * RUN_MINUTES[0]), high=round(n * RUN_MINUTES[1])),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -213,4 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     except AblationFailed as e:
         print(f"ablate: {e}", file=sys.stderr)
         return 1
+    except AblationInterrupted as e:
+        command = shlex.join(["convplug", "ablate", *(sys.argv[1:] if argv is None else argv)])
+        print(f"\nablate: interrupted: {e}, kept in {e.out}; resume with: {command}", file=sys.stderr)
+        return 130
     return 0

@@ -46,6 +46,7 @@ class InProcess:
                 f"mAP50-95 {row['mAP50-95']:.3f}"
             )
             log_checkpoint_gap(row, progress)
+            log_warm_start(row, progress)
             yield job, row, None
 
 
@@ -58,3 +59,11 @@ def log_checkpoint_gap(row: dict, progress: Progress) -> None:
             f"({row['best_epoch']}) validated at {row['mAP50-95_train']:.3f} during training ({gap:+.1%}): "
             "the saved checkpoint does not reproduce the trained model"
         )
+
+
+def log_warm_start(row: dict, progress: Progress) -> None:
+    """Say how many tensors a fine-tuned run took from the weights and what each plug-in layer did."""
+    if row.get("transferred"):
+        progress.log(f"  warm start: {row['transferred']} tensors transferred")
+        for line in row.get("warm_start") or []:
+            progress.log(f"    {line}")

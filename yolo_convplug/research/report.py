@@ -25,7 +25,7 @@ from pathlib import Path
 from .variants import short_label
 
 METRICS = ("params", "gflops", "latency_cpu_ms", "latency_gpu_ms", "train_s", "mAP50", "mAP50-95", "mAP50-95_train")
-CSV_FIELDS = ("variant", "model", "seed", "best_epoch", *METRICS)
+CSV_FIELDS = ("variant", "model", "seed", "best_epoch", *METRICS, "transferred")
 GUARD_REL = 0.02  # relative gap between best.pt's final validation and its epoch's in-training validation
 GUARD_ABS = 0.001  # gaps that the 3-decimal tables cannot show are not flagged
 
@@ -149,8 +149,25 @@ def notes(summary: list[dict], protocol: Protocol) -> list[str]:
     return out
 
 
-def markdown(summary: list[dict], protocol: Protocol, settings: dict | None = None, latency_threads: int = 1) -> str:
-    """``results.md``: the per-variant table and the notes."""
+def warm_start_lines(rows: list[dict]) -> list[str]:
+    """Per variant (its first run; every seed loads the same weights the same way): how many of its tensors took the
+    pretrained values (Ultralytics' ``N/M``) and what the warm start did with each plug-in layer."""
+    out, seen = [], set()
+    for r in rows:
+        if r["variant"] in seen or not r.get("transferred"):
+            continue
+        seen.add(r["variant"])
+        layers = r.get("warm_start") or []
+        out.append(f"- {r['variant']}: {r['transferred']} tensors transferred" + (":" if layers else ""))
+        out += [f"  - {line}" for line in layers]
+    return out
+
+
+def markdown(
+    summary: list[dict], protocol: Protocol, settings: dict | None = None, latency_threads: int = 1,
+    warm_start: list[str] = (),
+) -> str:  # fmt: skip
+    """``results.md``: the per-variant table, the notes and, when fine-tuned, what each run's warm start loaded."""
     base = summary[0]
     spread_col = any(s["n"] > 1 for s in summary)
     head = [
@@ -180,6 +197,8 @@ def markdown(summary: list[dict], protocol: Protocol, settings: dict | None = No
         "batch 1, training imgsz. best.pt vs in-training: final validation of best.pt against the validation of its "
         "epoch during training."
     )
+    if warm_start:
+        lines += ["", "Warm start from the pretrained weights (per variant):", *warm_start, ""]
     if settings:
         lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return "\n".join(lines) + "\n"
@@ -215,7 +234,7 @@ def write_results(
         w.writeheader()
         w.writerows({k: r.get(k, math.nan) for k in CSV_FIELDS} for r in rows)
     summary = summarize(rows)
-    md_path.write_text(markdown(summary, protocol, settings, latency_threads))
+    md_path.write_text(markdown(summary, protocol, settings, latency_threads, warm_start_lines(rows)))
     plot_results(summary, png_path, protocol)
     return csv_path, md_path, png_path
 
@@ -250,7 +269,9 @@ def _place_labels(fig, ax, labels: list, points: list) -> None:
 
 def plot_results(summary: list[dict], path: Path, protocol: Protocol) -> Path:
     """mAP50-95 against CPU latency and against GFLOPs: the baseline as dashed reference lines, every point labelled
-    with its module and its mAP50-95 change against the baseline, std error bars with several seeds."""
+    with its module and its mAP50-95 change against the baseline; std error bars with several seeds, and with one
+    seed the protocol's measured seed spread as a band around the baseline (a single-seed point inside it says
+    nothing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,13 +279,18 @@ def plot_results(summary: list[dict], path: Path, protocol: Protocol) -> Path:
     from matplotlib.transforms import Bbox
 
     base = summary[0]
+    single = all(s["n"] == 1 for s in summary)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.11, top=0.86, wspace=0.18)  # fixed: labels are placed once
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.11, top=0.84, wspace=0.18)  # fixed: labels are placed once
     panels = (("latency_cpu_ms", "CPU latency, batch 1 (ms)", "accuracy vs CPU latency"), ("gflops", "GFLOPs",
               "accuracy vs compute"))  # fmt: skip
     for ax, (key, xlabel, title) in zip(axes, panels):
         bx, by = base[key][0], base["mAP50-95"][0]
         ax.axhline(by, color="0.5", ls="--", lw=0.8, zorder=0)
+        if single and protocol.seed_spread is not None:  # one seed: the protocol's known spread around the baseline
+            ax.axhspan(by - protocol.seed_spread, by + protocol.seed_spread, color="0.5", alpha=0.15, lw=0, zorder=0,
+                       label=f"baseline ± seed spread ({protocol.seed_spread:.3f})")  # fmt: skip
+            ax.legend(loc="lower right", fontsize=8)
         ax.axvline(bx, color="0.5", ls="--", lw=0.8, zorder=0)
         labels = []
         for i, s in enumerate(summary):
@@ -291,7 +317,11 @@ def plot_results(summary: list[dict], path: Path, protocol: Protocol) -> Path:
             for px, py in ax.transData.transform([(s[key][0], s["mAP50-95"][0]) for s in summary])
         ]
         _place_labels(fig, ax, labels, points)
-    fig.suptitle(f"{protocol.title()}: mAP50-95 change against {base['variant']}", fontsize=11)
+    title = f"{protocol.title()}: mAP50-95 change against {base['variant']}"
+    if single:
+        spread = "band: the protocol's seed spread" if protocol.seed_spread is not None else "seed spread not measured"
+        title += f"\n1 seed: differences inside the seed spread are not evidence ({spread})"
+    fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

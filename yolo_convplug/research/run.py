@@ -93,6 +93,35 @@ class EpochWatch:
         self.on_epoch(trainer.epoch + 1, trainer.epochs, m)
 
 
+class LoadWatch(logging.Handler):
+    """Records, from Ultralytics' logger, what loading the pretrained weights did: ``transferred`` (``"N/M"`` of
+    Ultralytics' "Transferred N/M items") and ``warm_start``, the warm start's per-layer summary lines
+    (:mod:`yolo_convplug.warm_start`)."""
+
+    PREFIX = "yolo-convplug warm start: "
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.transferred, self.warm_start = None, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("Transferred ") and self.transferred is None:
+            self.transferred = text.split()[1]
+        elif text.startswith(self.PREFIX):
+            self.warm_start.append(text[len(self.PREFIX) :])
+
+    @contextlib.contextmanager
+    def attached(self):
+        from ultralytics.utils import LOGGER
+
+        LOGGER.addHandler(self)
+        try:
+            yield self
+        finally:
+            LOGGER.removeHandler(self)
+
+
 def profile_checkpoint(weights: str | Path, imgsz: int, runs: int = 50, threads: int = 1) -> dict:
     """Params (unfused), GFLOPs and latencies (fused) of a trained checkpoint."""
     from ultralytics import YOLO
@@ -134,7 +163,8 @@ def run_one(
         try:
             model = YOLO(variant.model)
             watch.attach(model)
-            metrics = model.train(exist_ok=True, **args)
+            with LoadWatch().attached() as loaded:
+                metrics = model.train(exist_ok=True, **args)
         except Exception:
             traceback.print_exc()  # into train.log when quiet
             raise
@@ -154,6 +184,8 @@ def run_one(
             "best_epoch": watch.best_epoch,
             "mAP50-95_train": watch.best_map,
         }
+        if train_args.get("pretrained"):
+            row.update(transferred=loaded.transferred or "", warm_start=loaded.warm_start)
     info = {"row": row, "settings": job.settings, "latency_threads": latency_threads}
     (run_dir / "done.json").write_text(json.dumps(info, indent=2, allow_nan=True))
     return row
