@@ -8,7 +8,8 @@ Adam steps in eval mode (BN a fixed affine, so the stock statistics of copied pa
 re-estimates the layer's BN running statistics on the same inputs, folding the change into each BN's affine so the
 fitted function is kept. With ``sequential=True`` (default) a layer's input ``x`` is what the partly calibrated
 model itself feeds it, so earlier layers' remaining errors are compensated instead of compounding with depth; with
-``False`` it is the stock layer's input. A layer whose error does not drop is restored as it was.
+``False`` it is the stock layer's input. A fit that does not lower the error is retried once at a tenth of the
+learning rate; a layer whose error still does not drop is restored as it was.
 
 :func:`install` adds :func:`on_pretrain_routine_end` to Ultralytics' default callbacks (the start-up hook calls it),
 so ``yolo train model=<plug-in yaml> pretrained=<stock .pt>`` calibrates once, after the data loader is built and
@@ -28,7 +29,8 @@ import torch
 
 DEFAULT_STEPS = 100
 DEFAULT_IMAGES = 32
-DEFAULT_LR = 3e-3
+DEFAULT_LR = 1e-2
+DEFAULT_BATCH = 8  # images per Adam step
 NEEDS_CALIBRATION = ("approximate", "fresh")
 
 
@@ -78,17 +80,21 @@ def reestimate_bn(layer, x: torch.Tensor) -> None:
     layer.train(training)
 
 
-def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = DEFAULT_LR) -> None:
+def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = DEFAULT_LR,
+              batch: int = DEFAULT_BATCH) -> None:
     """``steps`` Adam steps on ``||layer(x) - y||^2 / ||y||^2`` in eval mode (BN a fixed affine, so copied parts keep
-    their statistics), then BN statistics re-estimated on ``x`` without changing the function."""
+    their statistics), each on the next ``batch`` samples of ``x`` in turn, then BN statistics re-estimated on all of
+    ``x`` without changing the function."""
     params = [p for p in layer.parameters() if p.requires_grad]
     if params and steps:
         opt = torch.optim.Adam(params, lr=lr)
-        scale = y.pow(2).sum().clamp_min(1e-12)
         layer.eval()
-        for _ in range(steps):
+        n = len(x)
+        for step in range(steps):
+            idx = torch.arange(step * batch, step * batch + min(batch, n)) % n
+            xb, yb = x[idx], y[idx]
             opt.zero_grad(set_to_none=True)
-            loss = (layer(x) - y).pow(2).sum() / scale
+            loss = (layer(xb) - yb).pow(2).sum() / yb.pow(2).sum().clamp_min(1e-12)
             loss.backward()
             opt.step()
     reestimate_bn(layer, x)
@@ -159,13 +165,15 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
             continue
         saved = copy.deepcopy(layer.state_dict())
         before = relative_error(layer, x, y)
-        with torch.enable_grad():
-            fit_layer(layer, x, y, steps, lr)
-        after = relative_error(layer, x, y)
-        seconds = time.perf_counter() - t
-        kept = after < before
-        if not kept:
+        for rate in (lr, lr / 10):  # a fit that diverges is retried once at a tenth of the rate
+            with torch.enable_grad():
+                fit_layer(layer, x, y, steps, rate)
+            after = relative_error(layer, x, y)
+            kept = after < before
+            if kept:
+                break
             layer.load_state_dict(saved)
+        seconds = time.perf_counter() - t
         how = f"{len(images)} images, {steps} steps, {seconds:.1f} s"
         if kept:
             lines.append(f"layer {i} {name}: calibrated, error {before:.3f} -> {after:.3f} ({how})")
