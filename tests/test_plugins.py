@@ -7,9 +7,9 @@ import os
 import pytest
 import torch.nn as nn
 import yaml
+from conftest import run_python
 
 import yolo_convplug
-from conftest import run_python
 
 USER_MODULE = '''
 import torch.nn as nn
