@@ -96,9 +96,9 @@ class EpochWatch:
 class LoadWatch(logging.Handler):
     """Records, from Ultralytics' logger, what loading the pretrained weights did: ``transferred`` (``"N/M"`` of
     Ultralytics' "Transferred N/M items") and ``warm_start``, the warm start's per-layer summary lines
-    (:mod:`yolo_convplug.warm_start`)."""
+    (:mod:`yolo_convplug.warm_start`) followed by the calibration's (:mod:`yolo_convplug.calibrate`)."""
 
-    PREFIX = "yolo-convplug warm start: "
+    PREFIX, CALIBRATION = "yolo-convplug warm start: ", "yolo-convplug calibration: "
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -110,6 +110,8 @@ class LoadWatch(logging.Handler):
             self.transferred = text.split()[1]
         elif text.startswith(self.PREFIX):
             self.warm_start.append(text[len(self.PREFIX) :])
+        elif text.startswith(self.CALIBRATION):
+            self.warm_start.append("calibration: " + text[len(self.CALIBRATION) :])
 
     @contextlib.contextmanager
     def attached(self):
