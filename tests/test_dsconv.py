@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ultralytics.nn.modules import Conv
-
 from module_checks import onnx_outputs, rel_err
 from ref_dsconv import DSConvNaive, quantize_blocks
+from ultralytics.nn.modules import Conv
+
 from yolo_convplug.modules._utils import fuse_convs
 from yolo_convplug.modules.dsconv import MODES, DSConv2d
 from yolo_convplug.registry import ConversionError
+
 
 def trained_like(m, seed=0):
     """``m`` with random BN statistics and (when present) random KDS bias / CDS."""
@@ -391,11 +392,11 @@ def test_convert_from_stock_conv(mode, bits):
 @pytest.mark.parametrize(
     "stock,match",
     [
-        (lambda: stock_conv(k=5), "weight.shape"),
-        (lambda: stock_conv(c1=16), "weight.shape"),
-        (lambda: stock_conv(s=1), "stride"),
-        (lambda: stock_conv(p=0), "padding"),
-        (lambda: stock_conv(p=1, d=2), "dilation"),
+        (lambda: stock_conv(k=5), r"k=\(5, 5\) vs \(3, 3\)"),
+        (lambda: stock_conv(c1=16), "c1=16 vs 24"),
+        (lambda: stock_conv(s=1), r"s=\(1, 1\) vs \(2, 2\)"),
+        (lambda: stock_conv(p=0), r"p=\(0, 0\) vs \(1, 1\)"),
+        (lambda: stock_conv(p=1, d=2), r"d=\(2, 2\) vs \(1, 1\)"),
         (lambda: fuse_convs(stock_conv()), "fused"),
     ],
 )

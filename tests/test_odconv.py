@@ -247,30 +247,25 @@ def test_the_temperature_divides_every_logit():
         assert torch.equal(annealed(x), fixed(x))
 
 
-def test_ultralytics_training_anneals_the_model_and_its_ema(tiny_data, tmp_path):
-    """A real 2-epoch training of yolov8n-odconv with the schedule (9th-10th YAML arguments), the YOLO object created
-    after the module's import: the callback sets every epoch on the trained model and on the EMA copy that is
-    saved."""
-    from conftest import CFG_MODELS
-    from ultralytics import YOLO
-    from ultralytics.utils.callbacks.base import get_default_callbacks
+def test_yolo_train_cli_anneals_the_saved_model(tmp_path):
+    """A fresh ``yolo train`` process (the module file is imported only while the model is built, after the trainer
+    took Ultralytics' default callbacks) of yolov8-odconv with the schedule (9th-10th YAML arguments), 2 epochs: the
+    saved last.pt (the EMA copy) has every ODConv at epoch 1, i.e. T = 1 + 29 * (1 - 1/10) = 27.1."""
+    from conftest import CFG_MODELS, run_cli
 
-    from yolo_convplug.modules.odconv import set_odconv_epoch
+    from yolo_convplug.research.data import make_shapes
 
-    assert set_odconv_epoch in get_default_callbacks()["on_train_epoch_start"]
     text = (CFG_MODELS / "yolov8-odconv.yaml").read_text()
     rows = text.count("ODConv, [")
     text = re.sub(r"(ODConv, \[\d+, 3, 2)\]\]", r"\1, None, 1, 1, True, 4, 0.0625, 30.0, 10]]", text)
     assert text.count("30.0, 10]]") == rows > 0
     path = tmp_path / "yolov8n-odconv-annealed.yaml"
     path.write_text(text)
-    seen = []
-    model = YOLO(str(path))
-    model.add_callback("on_train_batch_start", lambda t: seen.append(
-        sorted({m.current_temperature() for m in t.model.modules() if isinstance(m, ODConv)})))
-    model.train(data=str(tiny_data), epochs=2, imgsz=64, batch=4, workers=0, device="cpu", plots=False, val=False,
-                project=str(tmp_path), name="run", exist_ok=True, verbose=False)
-    assert seen[0] == [30.0] and seen[-1] == [pytest.approx(27.1)]
-    saved = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["model"]  # the EMA, stripped
+    data = make_shapes("shapes:train=8,val=4,imgsz=64", root=tmp_path / "shapes")
+    result = run_cli(["train", f"model={path}", f"data={data}", "epochs=2", "imgsz=64", "batch=4", "workers=0",
+                      "device=cpu", "plots=False", "val=False", f"project={tmp_path}", "name=run", "exist_ok=True"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)["model"]
     layers = [m for m in saved.modules() if isinstance(m, ODConv)]
-    assert len(layers) == rows and all(int(m.epoch) == 1 for m in layers)
+    assert len(layers) == rows
+    assert [(int(m.epoch), m.current_temperature()) for m in layers] == [(1, pytest.approx(27.1))] * rows

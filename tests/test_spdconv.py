@@ -73,8 +73,8 @@ def test_conversion_from_strided_conv_is_exact(c1, c2, k, s, g, d, hw):
     assert norm_rel_err(y, ref) < SPDConv.conversion_error
 
 
-REFUSED = [((8, 16, 3, 2, None, 1, 3), "beyond"), ((8, 16, 3, 2, 0), "padding"), ((8, 16, 3, 1), "stride"),
-           ((8, 16, 5, 2), "kernel_size")]
+REFUSED = [((8, 16, 3, 2, None, 1, 3), "beyond"), ((8, 16, 3, 2, 0), r"p=\(0, 0\) vs \(1, 1\)"),
+           ((8, 16, 3, 1), r"s=\(1, 1\) vs \(2, 2\)"), ((8, 16, 5, 2), r"k=\(5, 5\) vs \(3, 3\)")]
 
 
 @pytest.mark.parametrize(("stock_args", "reason"), REFUSED)

@@ -351,6 +351,23 @@ def _patch_fuse(tasks: types.ModuleType) -> None:
     tasks.BaseModel.fuse = fuse
 
 
+def _patch_checkpoint_load(tasks: types.ModuleType) -> None:
+    """Import (register) the built-in modules before ``tasks`` unpickles a checkpoint: registration allow-lists each
+    class for ``torch.load(weights_only=True)``, and the module files are otherwise imported only when needed."""
+    original = getattr(tasks, "torch_load", None)
+    if original is None or getattr(original, "_yolo_convplug", False):
+        return
+
+    @functools.wraps(original)
+    def torch_load(*args, **kwargs):
+        import yolo_convplug.modules  # noqa: F401
+
+        return original(*args, **kwargs)
+
+    torch_load._yolo_convplug = True
+    tasks.torch_load = torch_load
+
+
 def patch_tasks(tasks: types.ModuleType | None = None) -> None:
     """Patch ``ultralytics.nn.tasks`` (idempotent). Called by the start-up hook and by ``import yolo_convplug``.
 
@@ -365,8 +382,10 @@ def patch_tasks(tasks: types.ModuleType | None = None) -> None:
     original = tasks.parse_model
     setattr(tasks, _HELPER, lambda *roles: frozenset().union(*(classes_with_role(r) for r in roles)))
     _patch_fuse(tasks)
+    _patch_checkpoint_load(tasks)
     patch_load(tasks)
     __import__("importlib").import_module(".calibrate", __package__).install()  # calibrated warm start, training
+    __import__("importlib").import_module(".train_epoch", __package__).install()  # epoch schedules (ODConv)
     patch_yaml_lookup(tasks)
     try:
         patched = _patched_parse_model(tasks)

@@ -61,8 +61,8 @@ class ODConv(DynamicKernelConv):
             Convolution), ``T`` falls linearly from ``temperature`` (30 there) to 1 over the first ``E`` epochs
             (10 there) of an Ultralytics training, ``T = 1 + (temperature - 1) · max(0, 1 - epoch / E)``, then
             stays 1. The epoch is a buffer saved with the weights (a trained model keeps its ``T``), set by
-            ``set_train_epoch`` at every epoch's start: importing this module adds :func:`set_odconv_epoch` to
-            Ultralytics' default callbacks, so trainers whose callbacks are copied after that import anneal.
+            ``set_train_epoch`` at every epoch's start by the package's ``on_train_epoch_start`` callback
+            (``yolo_convplug.train_epoch``, in Ultralytics' default callbacks from start-up, ``yolo train`` too).
     """
 
     anneal_epochs = 0  # the default for modules pickled before the schedule existed
@@ -154,24 +154,3 @@ class ODConv(DynamicKernelConv):
                 head.bias.zero_()
         return f"{description}, attentions neutral"
 
-
-def set_odconv_epoch(trainer) -> None:
-    """Ultralytics callback (``on_train_epoch_start``): give every ODConv of the trained model and of its EMA copy
-    (which validates and is saved) the epoch that starts."""
-    ema = getattr(getattr(trainer, "ema", None), "ema", None)
-    for model in (trainer.model, ema):
-        for m in model.modules() if model is not None else ():
-            if isinstance(m, ODConv):
-                m.set_train_epoch(trainer.epoch)
-
-
-def _add_callback() -> None:
-    """Add :func:`set_odconv_epoch` to the callbacks every Ultralytics trainer starts with (once)."""
-    from ultralytics.utils.callbacks.base import default_callbacks
-
-    callbacks = default_callbacks["on_train_epoch_start"]
-    if set_odconv_epoch not in callbacks:
-        callbacks.append(set_odconv_epoch)
-
-
-_add_callback()
