@@ -6,6 +6,7 @@ import yaml
 
 import yolo_convplug  # noqa: F401  (registers the plug-ins with Ultralytics)
 from yolo_convplug import swap as swap_mod
+from yolo_convplug import swap_verify
 from yolo_convplug.cli import main
 from yolo_convplug.model_yaml import ModelYamlError, rows
 from yolo_convplug.swap import SwapError, load_model_yaml, parse_rules, swap_dict, swap_yaml
@@ -87,7 +88,8 @@ def test_yolo_world_is_verified_as_a_world_model(tmp_path):
     """YOLO-World's C2fAttn layers need the text embeddings (``guide``) that only WorldModel's forward passes."""
     out = swap_yaml("yolov8s-worldv2.yaml", "Conv=ScConv", scope="strided", out=tmp_path / "yolov8s-worldv2-sc.yaml")
     assert "Not verified" not in out.read_text()
-    assert [r[2] for r in rows(yaml.safe_load(out.read_text()))].count("ScConv") == 7
+    swapped = [r[2] for r in rows(yaml.safe_load(out.read_text()))]
+    assert swapped.count("ScConv") == 6 and swapped[0] == "Conv"  # layer 0 (RGB input) skipped: ScConv refuses it
     with pytest.raises(SwapError, match=r"layer 0 \[-1, 1, 'Focus'.*differs from the original"):
         swap_yaml("yolov8s-worldv2.yaml", "Conv=Focus", scope="0")  # the check really runs on World models
 
@@ -97,7 +99,7 @@ def test_unrunnable_source_is_written_and_marked_unverified(tmp_path, monkeypatc
         def __init__(self, *args, **kwargs):
             raise RuntimeError("needs a text model")
 
-    monkeypatch.setattr(swap_mod, "model_class", lambda d: Unbuildable)
+    monkeypatch.setattr(swap_verify, "model_class", lambda d: Unbuildable)
     out = swap_yaml("yolov8.yaml", "Conv=SAConv2d", scope="strided", out=tmp_path / "yolov8n-sa.yaml")
     assert "Not verified: the source model itself does not build and run" in out.read_text()
     assert "needs a text model" in out.read_text()
