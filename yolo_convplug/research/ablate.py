@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .checks import check_data, check_train_args, check_transfer, load_weights
 from .data import resolve_data, same_images
-from .execute import InProcess
+from .execute import InProcess, RayExecutor, RayUnavailable, connect_ray, default_resources, ray_resources
 from .plan import (
     DEFAULT_DATA,
     SEED_SPREAD_MAP5095,
@@ -83,6 +83,10 @@ def ablate(
     latency_runs: int = 50,
     latency_threads: int = 1,
     quiet: bool = True,
+    ray: str | None = None,
+    cpus_per_run: float | None = None,
+    gpus_per_run: float | None = None,
+    keep_weights_on_worker: bool = False,
     **train_overrides,
 ) -> list[dict]:
     """Train every variant with every seed under identical settings; write results.csv/.md/.png; return the rows.
@@ -99,9 +103,28 @@ def ablate(
         latency_runs: timed forward passes per latency figure (after 10 warm-up passes).
         latency_threads: torch threads for the CPU latency (1: stable on shared machines).
         quiet: send Ultralytics' output to each run's ``train.log`` instead of the console (progress stays).
+        ray: None to train in this process, one run after another; 'local' to start a local Ray with this
+            machine's CPUs and GPUs, or a cluster address (``auto``, ``ray://head:10001``) to join: each run is a Ray
+            task and as many train at once as the resources hold.
+        cpus_per_run: CPUs (and torch threads) of a Ray run; default the CPUs divided by the runs at once.
+        gpus_per_run: GPUs of a Ray run (fractions share a GPU); default 1 where there are GPUs, else 0.
+        keep_weights_on_worker: leave each Ray run's best.pt on its worker instead of sending it back.
         **train_overrides: Ultralytics train arguments replacing ``TRAIN_DEFAULTS`` (epochs, imgsz, batch, device,
             ``pretrained=WEIGHTS`` to fine-tune every variant and the baseline from the same weights, ...).
     """
+    started_ray = connect_ray(ray) if ray else False  # before any work: Ray missing or a silent address
+    try:
+        return _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_threads, quiet, ray,
+                       cpus_per_run, gpus_per_run, keep_weights_on_worker, train_overrides)  # fmt: skip
+    finally:
+        if started_ray:
+            import ray as ray_module
+
+            ray_module.shutdown()
+
+
+def _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_threads, quiet, ray, cpus_per_run,
+            gpus_per_run, keep_weights_on_worker, train_overrides) -> list[dict]:  # fmt: skip
     out = Path(out).resolve()
     vs = [resolve_variant(v, family, scale) for v in (variants or default_variants(family))]
     names = [v.name for v in vs]
@@ -135,7 +158,13 @@ def ablate(
     for job, row in done.items():
         if row is not None:
             progress.log(f"{heads[job]}: reused (done.json), mAP50-95 {row['mAP50-95']:.3f}")
-    executor = InProcess(data, train_args, latency_runs, latency_threads, quiet)
+    if ray:
+        cpus, gpus = default_resources(*ray_resources())
+        cpus, gpus = cpus_per_run or cpus, gpus if gpus_per_run is None else gpus_per_run
+        executor = RayExecutor(data_spec, data, train_args, latency_runs, latency_threads, quiet, cpus, gpus,
+                               keep_weights_on_worker)  # fmt: skip
+    else:
+        executor = InProcess(data, train_args, latency_runs, latency_threads, quiet)
     failed = []
     if transfer:
         n, total = transfer
@@ -228,7 +257,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-runs", type=int, default=50, help="timed forward passes per latency figure")
     p.add_argument("--latency-threads", type=int, default=1, help="torch threads for CPU latency (default 1)")
     p.add_argument("--verbose", action="store_true", help="show Ultralytics' output instead of writing train.log")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="train the runs as Ray tasks, in parallel: alone, a local Ray with this machine's CPUs and GPUs; with "
+        'an address (auto, ray://head:10001), on that cluster (needs pip install "yolo-convplug[ray]")',
+    )
+    p.add_argument("--cpus-per-run", type=float, help="CPUs of a Ray run (default: the CPUs / runs at once)")
+    p.add_argument("--gpus-per-run", type=float, help="GPUs of a Ray run, 0.5 shares one (default 1 if any, else 0)")
+    p.add_argument(
+        "--keep-weights-on-worker", action="store_true", help="leave each Ray run's best.pt on its worker machine"
+    )
     a = p.parse_intermixed_args(argv)
+    if a.cpus_per_run is not None and not a.cpus_per_run > 0:
+        print(f"ablate: error: --cpus-per-run {a.cpus_per_run:g}: give a number of CPUs above 0", file=sys.stderr)
+        return 2
+    if a.gpus_per_run is not None and not a.gpus_per_run >= 0:
+        print(f"ablate: error: --gpus-per-run {a.gpus_per_run:g}: give 0 (CPU runs) or more", file=sys.stderr)
+        return 2
     # `--seeds 0 1 epochs=10`: --seeds takes every word up to the next option; the words that are no seed go back
     seeds = [int(x) for x in a.seeds if x.lstrip("-").isdigit()]
     a.args += [x for x in a.seeds if not x.lstrip("-").isdigit()]
@@ -248,8 +296,15 @@ def main(argv: list[str] | None = None) -> int:
             latency_runs=a.latency_runs,
             latency_threads=a.latency_threads,
             quiet=not a.verbose,
+            ray=a.ray,
+            cpus_per_run=a.cpus_per_run,
+            gpus_per_run=a.gpus_per_run,
+            keep_weights_on_worker=a.keep_weights_on_worker,
             **kw,
         )
+    except RayUnavailable as e:
+        print(e, file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"ablate: error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,22 @@
 """Executing the jobs of an ablation. An executor takes the jobs still to train and yields, as each ends, the job
 with its row or the exception it failed with; the ablation reports both the same way whichever executor ran them.
-:class:`InProcess` trains them one after another in this process."""
+:class:`InProcess` trains them one after another in this process; :class:`RayExecutor` makes each a Ray task, as many at
+once as the cluster's CPUs and GPUs hold, and writes the run folders the workers send back under the driver's output.
+Ray is imported only inside the functions that use it."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import statistics
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Optional
 
 from .plan import Job
-from .progress import Progress
+from .progress import Progress, clock
 from .report import checkpoint_gap
 from .run import run_one
 
@@ -67,3 +74,212 @@ def log_warm_start(row: dict, progress: Progress) -> None:
         progress.log(f"  warm start: {row['transferred']} tensors transferred")
         for line in row.get("warm_start") or []:
             progress.log(f"    {line}")
+
+
+# --- Ray: every job a Ray task, its run folder sent back to the driver ------------------------------------------------
+
+RAY_MISSING = '--ray needs Ray: pip install "yolo-convplug[ray]"'
+RUN_FILES = ("done.json", "results.csv", "train.log", "args.yaml", "weights/best.pt")  # what a worker sends back
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed, or the cluster address does not answer: the one-line message says which."""
+
+
+def connect_ray(address: str = "local", num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Start a local Ray (``address`` 'local': this machine's CPUs and GPUs, or ``num_cpus``/``num_gpus``) or join
+    the cluster at ``address`` (``auto``, ``ray://head:10001``); return whether this call started the connection
+    (False when Ray was already initialized). Raise :class:`RayUnavailable` when Ray is missing or the address does
+    not answer."""
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable(RAY_MISSING) from None
+    if ray.is_initialized():
+        return False
+    try:
+        if address == "local":
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except Exception as e:  # ConnectionError, TimeoutError, RuntimeError, ValueError depending on the address kind
+        raise RayUnavailable(f"--ray {address}: cannot join a Ray cluster there: {type(e).__name__}: {e}") from None
+    return True
+
+
+def ray_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the connected Ray cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    return float(total.get("CPU", 1)), float(total.get("GPU", 0))
+
+
+def default_resources(cpus: float, gpus: float) -> tuple[int, float]:
+    """Per-run (CPUs, GPUs): one GPU a run where there are GPUs, and the CPUs shared by the runs that fit at once."""
+    gpus_per_run = 1.0 if gpus >= 1 else 0.0
+    return max(1, int(cpus // max(1, int(gpus)))), gpus_per_run
+
+
+def worker_dir(job: Job) -> Path:
+    """Where a worker trains ``job``: a folder of its own machine, named after the driver's run folder so that runs
+    of different ablations never meet (``CONVPLUG_RAY_WORKDIR``, default the system's temporary folder)."""
+    import hashlib
+
+    root = Path(os.environ.get("CONVPLUG_RAY_WORKDIR") or Path(tempfile.gettempdir()) / "convplug-ray")
+    tag = hashlib.sha256(str(job.run_dir).encode()).hexdigest()[:12]
+    return root / tag / job.run_dir.parent.name / job.run_dir.name
+
+
+class StatusBoard:
+    """A Ray actor the tasks tell when they start (node, device, process id); the driver reads it to print
+    'running' and to notice a retried run (a second start of the same job)."""
+
+    def __init__(self):
+        self.starts: dict[int, list[dict]] = {}
+
+    def started(self, index: int, info: dict) -> None:
+        self.starts.setdefault(index, []).append(info)
+
+    def read(self) -> dict[int, list[dict]]:
+        return self.starts
+
+
+def train_on_worker(index, job, data_spec, data, train_args, latency_runs, latency_threads, quiet, cpus, keep_weights,
+                    board) -> tuple[dict, dict[str, bytes], str]:  # fmt: skip
+    """The Ray task: train ``job`` in this worker's own folder with torch threads set to its CPU share and
+    Ultralytics' device following Ray's GPUs (CUDA_VISIBLE_DEVICES holds them; torch index 0 is the first), then
+    return its row, the run folder's files (:data:`RUN_FILES`) as bytes, and where ``best.pt`` stays when it is
+    kept on the worker."""
+    import dataclasses
+    import socket
+
+    import ray
+    import torch
+
+    from .data import resolve_data
+
+    torch.set_num_threads(max(1, int(cpus)))
+    gpus = ray.get_gpu_ids()
+    device = 0 if gpus else "cpu"
+    local = dataclasses.replace(job, run_dir=worker_dir(job))
+    local.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    pid_file = local.run_dir.parent / f"{local.run_dir.name}.pid"  # lets an operator (or a test) find the trainer
+    pid_file.write_text(str(os.getpid()))
+    where = f"{socket.gethostname()} {'GPU ' + ','.join(map(str, gpus)) if gpus else 'CPU'}"
+    ray.get(board.started.remote(index, {"where": where, "pid": os.getpid()}))
+    data = data if Path(data).exists() else resolve_data(data_spec)  # a worker without the driver's files makes them
+    row = run_one(local, data, {**train_args, "device": device}, latency_runs, latency_threads, quiet)
+    files = {}
+    for name in RUN_FILES:
+        path = local.run_dir / name
+        if path.is_file() and not (keep_weights and name.endswith(".pt")):
+            files[name] = path.read_bytes()
+    kept = ""
+    if keep_weights:
+        kept = f"{socket.gethostname()}:{local.run_dir / 'weights' / 'best.pt'}"
+        for path in sorted(local.run_dir.rglob("*"), reverse=True):
+            if path.is_file() and path.name != "best.pt":
+                path.unlink()
+    else:
+        shutil.rmtree(local.run_dir, ignore_errors=True)
+    pid_file.unlink(missing_ok=True)
+    return row, files, kept
+
+
+class RayExecutor:
+    """Train every job as a Ray task (``cpus``/``gpus`` each), as many at once as the cluster holds; write each
+    finished run's files under the driver's run folder, so no shared filesystem is needed. A worker process that dies
+    makes Ray retry its run (``max_retries``); an exception in the training is reported once, as in-process."""
+
+    MAX_RETRIES = 3
+    POLL_S = 2.0
+
+    def __init__(self, data_spec, data: str, train_args: dict, latency_runs: int = 50, latency_threads: int = 1,
+                 quiet: bool = True, cpus: float = 1, gpus: float = 0, keep_weights: bool = False):  # fmt: skip
+        self.data_spec, self.data, self.train_args, self.quiet = data_spec, data, train_args, quiet
+        self.latency_runs, self.latency_threads = latency_runs, latency_threads
+        self.cpus, self.gpus, self.keep_weights = cpus, gpus, keep_weights
+
+    def run(self, jobs: list[tuple[str, Job]], progress: Progress) -> Iterator[Outcome]:
+        """``jobs``: (console heading, job) pairs; yields (job, row, None) or (job, None, exception) as runs end."""
+        import ray
+
+        board = ray.remote(num_cpus=0)(StatusBoard).remote()
+        task = ray.remote(train_on_worker).options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.MAX_RETRIES, retry_exceptions=False
+        )
+        pending, t0 = {}, {}
+        for index, (head, job) in enumerate(jobs):
+            ref = task.remote(index, job, self.data_spec, self.data, self.train_args, self.latency_runs,
+                              self.latency_threads, self.quiet, self.cpus, self.keep_weights, board)  # fmt: skip
+            pending[ref] = index
+            progress.log(f"{head}: queued ({self.cpus:g} CPU, {self.gpus:g} GPU)")
+        seen: dict[int, int] = {}
+        durations: list[float] = []
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.POLL_S)
+                self._report_starts(ray.get(board.read.remote()), seen, t0, jobs, progress)
+                for ref in ready:
+                    index = pending.pop(ref)
+                    head, job = jobs[index]
+                    seconds = time.perf_counter() - t0.get(index, time.perf_counter())
+                    try:
+                        row, files, kept = ray.get(ref)
+                    except Exception as e:
+                        error = getattr(e, "cause", None) or e
+                        progress.log(f"{head}: FAILED after {seconds:.0f} s: {type(error).__name__}: {error}")
+                        yield job, None, error
+                        continue
+                    self._write_back(job, files, kept)
+                    durations.append(seconds)
+                    eta = self._time_left(durations, pending, seen)
+                    progress.log(
+                        f"{head}: done in {seconds:.0f} s, mAP50 {row['mAP50']:.3f}, "
+                        f"mAP50-95 {row['mAP50-95']:.3f}{eta}"
+                    )
+                    log_checkpoint_gap(row, progress)
+                    log_warm_start(row, progress)
+                    yield job, row, None
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    @staticmethod
+    def _time_left(durations: list[float], pending: dict, seen: dict) -> str:
+        """The ablation's time left: the mean finished run's duration times the runs still to end, over the runs
+        in flight at once."""
+        if not pending:
+            return ""
+        in_flight = sum(index in seen for index in pending.values())
+        return f", ablation ~{clock(statistics.fmean(durations) * len(pending) / max(1, in_flight))} left"
+
+    @staticmethod
+    def _report_starts(starts: dict, seen: dict, t0: dict, jobs, progress: Progress) -> None:
+        """Print 'running' for each new start, 'retried' when a job started again after its worker died."""
+        for index, infos in sorted(starts.items()):
+            for attempt in range(seen.get(index, 0), len(infos)):
+                head = jobs[index][0]
+                where = infos[attempt]["where"]
+                if attempt:
+                    progress.log(f"{head}: retried (attempt {attempt + 1}) on {where}: its worker process died")
+                else:
+                    progress.log(f"{head}: running on {where}")
+                t0[index] = time.perf_counter()
+            seen[index] = len(infos)
+
+    def _write_back(self, job: Job, files: dict[str, bytes], kept: str) -> None:
+        """Write a worker's run files under the driver's run folder; note where a kept ``best.pt`` stays."""
+        if job.run_dir.exists():
+            shutil.rmtree(job.run_dir)
+        for name, content in files.items():
+            if name == "done.json":
+                continue
+            path = job.run_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        if kept:
+            (job.run_dir / "weights").mkdir(parents=True, exist_ok=True)
+            (job.run_dir / "weights" / "best.pt.on-worker").write_text(kept + "\n")
+        (job.run_dir / "done.json").write_bytes(files["done.json"])  # last, as a run in-process writes it

@@ -1,0 +1,140 @@
+"""The ablation on Ray: the same rows as in-process, a killed worker's run retried, and one-line errors when Ray is
+missing or its address does not answer. A local Ray of 2 CPUs; tiny shapes runs (imgsz 64, 1 epoch)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from yolo_convplug.research import ablate as ablate_mod  # noqa: E402
+from yolo_convplug.research.ablate import ablate  # noqa: E402
+
+TINY = "shapes:train=16,val=8,imgsz=64"
+KW = dict(data=TINY, epochs=1, imgsz=64, batch=8, workers=0, latency_runs=3)
+SAME = ("variant", "seed", "params", "gflops", "mAP50", "mAP50-95", "mAP50-95_train", "best_epoch")
+
+
+@pytest.fixture
+def local_ray(tmp_path, monkeypatch):
+    """A local Ray of 2 CPUs whose workers share this test's data cache and train under tmp_path/worker."""
+    monkeypatch.setenv("CONVPLUG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CONVPLUG_RAY_WORKDIR", str(tmp_path / "worker"))
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield tmp_path / "worker"
+    ray.shutdown()
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_ray_ablation_gives_the_in_process_rows(tmp_path, local_ray, capsys, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a Ray run with --cpus-per-run 1 trains on one thread
+    try:
+        local = ablate(["baseline", "saconv"], out=tmp_path / "local", **KW)
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    rows = ablate(["baseline", "saconv"], out=tmp_path / "ray", ray="local", cpus_per_run=1, **KW)
+    assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in local]
+    log = capsys.readouterr().out
+    for head in ("[1/2] yolov8n seed 0", "[2/2] yolov8n-saconv seed 0"):
+        assert f"{head}: queued (1 CPU, 0 GPU)" in log and f"{head}: running on " in log
+        assert f"{head}: done in " in log
+    assert "ablation ~" in log  # the time left, once a run has finished
+    # the driver holds every run's folder and the tables; the workers' folders are gone
+    out = tmp_path / "ray"
+    for v in ("yolov8n", "yolov8n-saconv"):
+        run = out / "runs" / v / "seed0"
+        assert {"done.json", "results.csv", "train.log", "args.yaml"} <= {p.name for p in run.iterdir()}
+        assert (run / "weights" / "best.pt").stat().st_size > 1e6 and "Epoch" in (run / "train.log").read_text()
+    assert [r["variant"] for r in _csv(out / "results.csv")] == ["yolov8n", "yolov8n-saconv"]
+    assert (out / "results.md").is_file() and (out / "results.png").is_file()
+    assert not list(local_ray.rglob("*.pt"))
+    # the same command reuses what Ray trained
+    ablate(["baseline", "saconv"], out=out, ray="local", cpus_per_run=1, **KW)
+    assert capsys.readouterr().out.count("reused (done.json)") == 2
+
+
+def test_killed_worker_is_retried_and_every_row_is_there_once(tmp_path, local_ray, capsys):
+    killed = []
+
+    def kill_first_trainer():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for pid_file in local_ray.rglob("seed*.pid"):
+                log = pid_file.with_suffix("") / "train.log"
+                if log.is_file() and "Epoch" in log.read_text():  # training, not starting
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                    killed.append(pid_file.stem)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_trainer, daemon=True)
+    killer.start()
+    rows = ablate(["baseline"], out=tmp_path / "out", seeds=[0, 1], ray="local", cpus_per_run=1, **KW)
+    killer.join()
+    assert len(killed) == 1
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [("yolov8n", 0), ("yolov8n", 1)]
+    assert sorted(r["seed"] for r in _csv(tmp_path / "out" / "results.csv")) == ["0", "1"]
+    log = capsys.readouterr().out
+    seed = killed[0].removeprefix("seed")
+    assert f"yolov8n seed {seed}: retried (attempt 2)" in log and "FAILED" not in log
+    assert log.count(": retried (attempt") == 1 and log.count(": done in ") == 2
+
+
+def _main(args, block_ray=False):
+    code = (
+        ("import sys; sys.modules['ray'] = None\n" if block_ray else "import sys\n")
+        + "from yolo_convplug.research.ablate import main\n"
+        + f"sys.exit(main({args!r}))"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_ray_missing_is_one_line_before_any_run(tmp_path):
+    r = _main(["--ray", "baseline", "--out", str(tmp_path / "out")], block_ray=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == '--ray needs Ray: pip install "yolo-convplug[ray]"\n'
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_address_that_does_not_answer_is_one_line(tmp_path):
+    r = _main(["--ray", "ray://127.0.0.1:9", "baseline", "--out", str(tmp_path / "out")])
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("--ray ray://127.0.0.1:9: cannot join a Ray cluster there: ")
+    assert r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_resource_flags_reach_the_ablation(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablate_mod, "ablate", lambda variants, **kw: calls.append(kw))
+    assert ablate_mod.main(["--ray", "--cpus-per-run", "1", "--gpus-per-run", "0.5", "baseline"]) == 0
+    assert ablate_mod.main(["--ray", "auto", "--keep-weights-on-worker", "baseline"]) == 0
+    assert ablate_mod.main(["baseline"]) == 0
+    assert [(kw["ray"], kw["cpus_per_run"], kw["gpus_per_run"], kw["keep_weights_on_worker"]) for kw in calls] == [
+        ("local", 1, 0.5, False),
+        ("auto", None, None, True),
+        (None, None, None, False),
+    ]
+    assert ablate_mod.main(["--ray", "--cpus-per-run", "0", "baseline"]) == 2
+
+
+def test_default_resources_share_the_cpus_among_the_runs_at_once():
+    from yolo_convplug.research.execute import default_resources
+
+    assert default_resources(16, 4) == (4, 1.0)  # one run per GPU, the CPUs split among them
+    assert default_resources(2, 0) == (2, 0.0)  # CPU only: one run at a time on every CPU
+    assert default_resources(1, 2) == (1, 1.0)
