@@ -4,7 +4,8 @@
 puts a meta-path finder in front of the import system, so it imports neither torch nor Ultralytics and costs
 well under a millisecond. When ``ultralytics.nn.tasks`` is imported later (by the ``yolo`` CLI, the Python API,
 a DDP worker or ``torch.load`` of a checkpoint), the finder lets the module load normally and then calls
-``yolo_convplug.integration.patch_tasks`` on it (a failure there prints a warning and never breaks the import). ``YOLO_CONVPLUG_DISABLE=1`` turns the hook off.
+``yolo_convplug.integration.patch_tasks`` on it (a failure there prints a warning and never breaks the import).
+``YOLO_CONVPLUG_DISABLE=1`` turns the hook off.
 """
 
 from __future__ import annotations

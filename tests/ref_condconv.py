@@ -15,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 class CondConvLoop(nn.Module):
     """CondConv computed one sample at a time (the slow formulation the module replaces)."""
 

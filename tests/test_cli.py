@@ -14,7 +14,8 @@ TRAIN_ARGS = ["epochs=1", "imgsz=64", "batch=16", "workers=0", "device=cpu", "pl
 def best_pt(tmp_path_factory, coco128):
     project = tmp_path_factory.mktemp("runs")
     result = run_cli(
-        ["train", "model=model_yamls/yolov8n-saconv.yaml", f"data={coco128}", *TRAIN_ARGS, f"project={project}", "name=saconv"]
+        ["train", "model=model_yamls/yolov8n-saconv.yaml", f"data={coco128}", *TRAIN_ARGS, f"project={project}",
+         "name=saconv"]
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     best = project / "saconv" / "weights" / "best.pt"
@@ -23,7 +24,8 @@ def best_pt(tmp_path_factory, coco128):
 
 
 def test_cli_train_builds_plugin_layers(best_pt):
-    code = f"import torch\nckpt = torch.load(r'{best_pt}', weights_only=False)\nprint(type(ckpt['model'].model[3]).__name__)"
+    code = (f"import torch\nckpt = torch.load(r'{best_pt}', weights_only=False)\n"
+            "print(type(ckpt['model'].model[3]).__name__)")
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "SAConv2d"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import CFG_MODELS, MODEL_YAMLS, ROOT
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
 import yolo_convplug
-from conftest import CFG_MODELS, MODEL_YAMLS, ROOT
 from yolo_convplug.cli import main
 from yolo_convplug.integration import ultralytics_roles
 from yolo_convplug.model_yaml import rows
