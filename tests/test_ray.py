@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -36,18 +37,24 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-def test_ray_ablation_gives_the_in_process_rows(tmp_path, local_ray, capsys, monkeypatch):
-    import torch
+def _weights(path):
+    from ultralytics import YOLO
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a Ray run with --cpus-per-run 1 trains on one thread
-    try:
-        local = ablate(["baseline", "saconv"], out=tmp_path / "local", **KW)
-    finally:
-        torch.set_num_threads(threads)
+    return YOLO(str(path)).model.state_dict()
+
+
+def test_ray_ablation_gives_the_in_process_rows(tmp_path, local_ray, capsys):
+    local = ablate(["baseline", "saconv"], out=tmp_path / "local", **KW)
     capsys.readouterr()
     rows = ablate(["baseline", "saconv"], out=tmp_path / "ray", ray="local", cpus_per_run=1, **KW)
     assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in local]
+    for v in ("yolov8n", "yolov8n-saconv"):  # the same training, not only the same (1-epoch, near-zero) mAP
+        runs = [tmp_path / where / "runs" / v / "seed0" for where in ("local", "ray")]
+        losses = [[{k: x for k, x in r.items() if "loss" in k} for r in _csv(run / "results.csv")] for run in runs]
+        assert losses[0] == losses[1] and losses[0]
+        weights = [_weights(run / "weights" / "best.pt") for run in runs]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), v
     log = capsys.readouterr().out
     for head in ("[1/2] yolov8n seed 0", "[2/2] yolov8n-saconv seed 0"):
         assert f"{head}: queued (1 CPU, 0 GPU)" in log and f"{head}: running on " in log
@@ -83,15 +90,22 @@ def test_killed_worker_is_retried_and_every_row_is_there_once(tmp_path, local_ra
 
     killer = threading.Thread(target=kill_first_trainer, daemon=True)
     killer.start()
-    rows = ablate(["baseline"], out=tmp_path / "out", seeds=[0, 1], ray="local", cpus_per_run=1, **KW)
+    out = tmp_path / "out"
+    rows = ablate(["baseline"], out=out, seeds=[0, 1], ray="local", cpus_per_run=1, keep_weights_on_worker=True, **KW)
     killer.join()
     assert len(killed) == 1
     assert sorted((r["variant"], r["seed"]) for r in rows) == [("yolov8n", 0), ("yolov8n", 1)]
-    assert sorted(r["seed"] for r in _csv(tmp_path / "out" / "results.csv")) == ["0", "1"]
+    assert sorted(r["seed"] for r in _csv(out / "results.csv")) == ["0", "1"]
     log = capsys.readouterr().out
     seed = killed[0].removeprefix("seed")
     assert f"yolov8n seed {seed}: retried (attempt 2)" in log and "FAILED" not in log
     assert log.count(": retried (attempt") == 1 and log.count(": done in ") == 2
+    # --keep-weights-on-worker: best.pt stays in the worker's folder, the driver's run folder says where
+    for s in (0, 1):
+        run = out / "runs" / "yolov8n" / f"seed{s}"
+        assert not (run / "weights" / "best.pt").exists() and (run / "train.log").is_file()
+        kept = (run / "weights" / "best.pt.on-worker").read_text().strip().split(":", 1)[1]
+        assert kept.startswith(str(local_ray)) and _weights(kept)
 
 
 def _main(args, block_ray=False):
