@@ -58,7 +58,7 @@ def test_ray_ablation_gives_the_in_process_rows(tmp_path, local_ray, capsys):
     log = capsys.readouterr().out
     for head in ("[1/2] yolov8n seed 0", "[2/2] yolov8n-saconv seed 0"):
         assert f"{head}: queued (1 CPU, 0 GPU)" in log and f"{head}: running on " in log
-        assert f"{head}: done in " in log
+        assert f"{head}: epoch 1/1  mAP50-95 " in log and f"{head}: done in " in log
     assert "ablation ~" in log  # the time left, once a run has finished
     # the driver holds every run's folder and the tables; the workers' folders are gone
     out = tmp_path / "ray"

@@ -132,17 +132,40 @@ def worker_dir(job: Job) -> Path:
 
 
 class StatusBoard:
-    """A Ray actor the tasks tell when they start (node, device, process id); the driver reads it to print
-    'running' and to notice a retried run (a second start of the same job)."""
+    """A Ray actor the tasks tell when they start (node, device, process id) and when an epoch ends; the driver
+    reads it to print 'running', each epoch, and to notice a retried run (a second start of the same job)."""
 
     def __init__(self):
         self.starts: dict[int, list[dict]] = {}
+        self.epochs: list[tuple[int, int, int, float]] = []
 
     def started(self, index: int, info: dict) -> None:
         self.starts.setdefault(index, []).append(info)
 
-    def read(self) -> dict[int, list[dict]]:
-        return self.starts
+    def epoch(self, index: int, done: int, total: int, map5095: float) -> None:
+        self.epochs.append((index, done, total, map5095))
+
+    def read(self) -> tuple[dict[int, list[dict]], list[tuple[int, int, int, float]]]:
+        """The starts so far, and the epochs reported since the last read."""
+        epochs, self.epochs = self.epochs, []
+        return self.starts, epochs
+
+
+class BoardProgress(Progress):
+    """A worker's progress: each epoch goes to the driver's :class:`StatusBoard`, nothing to the worker's console."""
+
+    def __init__(self, board, index: int):
+        super().__init__(1, silent=True)
+        self.board, self.index, self.sent = board, index, []
+
+    def epoch(self, done: int, total: int, map5095: float) -> None:
+        self.sent.append(self.board.epoch.remote(self.index, done, total, map5095))
+
+    def flush(self) -> None:
+        """Wait until the board holds every epoch sent, so the driver sees them before the run's end."""
+        import ray
+
+        ray.get(self.sent)
 
 
 def train_on_worker(index, job, data_spec, data, train_args, latency_runs, latency_threads, quiet, cpus, keep_weights,
@@ -169,7 +192,9 @@ def train_on_worker(index, job, data_spec, data, train_args, latency_runs, laten
     where = f"{socket.gethostname()} {'GPU ' + ','.join(map(str, gpus)) if gpus else 'CPU'}"
     ray.get(board.started.remote(index, {"where": where, "pid": os.getpid()}))
     data = data if Path(data).exists() else resolve_data(data_spec)  # a worker without the driver's files makes them
-    row = run_one(local, data, {**train_args, "device": device}, latency_runs, latency_threads, quiet)
+    progress = BoardProgress(board, index)
+    row = run_one(local, data, {**train_args, "device": device}, latency_runs, latency_threads, quiet, progress)
+    progress.flush()
     files = {}
     for name in RUN_FILES:
         path = local.run_dir / name
@@ -220,7 +245,10 @@ class RayExecutor:
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.POLL_S)
-                self._report_starts(ray.get(board.read.remote()), seen, t0, jobs, progress)
+                starts, epochs = ray.get(board.read.remote())
+                self._report_starts(starts, seen, t0, jobs, progress)
+                for index, done, total, map5095 in epochs:
+                    progress.log(f"{jobs[index][0]}: epoch {done}/{total}  mAP50-95 {map5095:.3f}")
                 for ref in ready:
                     index = pending.pop(ref)
                     head, job = jobs[index]
