@@ -108,6 +108,18 @@ def test_killed_worker_is_retried_and_every_row_is_there_once(tmp_path, local_ra
         assert kept.startswith(str(local_ray)) and _weights(kept)
 
 
+def test_a_failing_run_is_reported_once_with_its_train_log(tmp_path, local_ray, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("nc: 80\nbackbone:\n  - [-1, 1, Conv, [16, 3, 2]]\n  - [-1, 1, NoSuchModule, [32]]\n"
+                      "head:\n  - [[-1], 1, Detect, [nc]]\n")  # fmt: skip
+    with pytest.raises(ablate_mod.AblationFailed, match="broken seed 0: ModelYamlError: .*NoSuchModule"):
+        ablate([str(broken)], out=tmp_path / "out", ray="local", **KW)
+    log = capsys.readouterr().out
+    assert log.count("[1/1] broken seed 0: FAILED after ") == 1 and "retried" not in log
+    run = tmp_path / "out" / "runs" / "broken" / "seed0"
+    assert "NoSuchModule" in (run / "train.log").read_text() and not (run / "done.json").exists()
+
+
 def _main(args, block_ray=False):
     code = (
         ("import sys; sys.modules['ray'] = None\n" if block_ray else "import sys\n")

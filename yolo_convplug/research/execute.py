@@ -169,11 +169,11 @@ class BoardProgress(Progress):
 
 
 def train_on_worker(index, job, data_spec, data, train_args, latency_runs, latency_threads, quiet, cpus, keep_weights,
-                    board) -> tuple[dict, dict[str, bytes], str]:  # fmt: skip
+                    board) -> tuple[Optional[dict], dict[str, bytes], str, Optional[Exception]]:  # fmt: skip
     """The Ray task: train ``job`` in this worker's own folder with torch threads set to its CPU share and
     Ultralytics' device following Ray's GPUs (CUDA_VISIBLE_DEVICES holds them; torch index 0 is the first), then
-    return its row, the run folder's files (:data:`RUN_FILES`) as bytes, and where ``best.pt`` stays when it is
-    kept on the worker."""
+    return its row, the run folder's files (:data:`RUN_FILES`) as bytes, where ``best.pt`` stays when it is kept on
+    the worker, and None; or, when the training raised, (None, its train.log, "", the exception)."""
     import dataclasses
     import socket
 
@@ -193,7 +193,14 @@ def train_on_worker(index, job, data_spec, data, train_args, latency_runs, laten
     ray.get(board.started.remote(index, {"where": where, "pid": os.getpid()}))
     data = data if Path(data).exists() else resolve_data(data_spec)  # a worker without the driver's files makes them
     progress = BoardProgress(board, index)
-    row = run_one(local, data, {**train_args, "device": device}, latency_runs, latency_threads, quiet, progress)
+    try:
+        row = run_one(local, data, {**train_args, "device": device}, latency_runs, latency_threads, quiet, progress)
+    except Exception as e:  # a real failure: reported once (no retry), with its train.log sent back
+        log = local.run_dir / "train.log"
+        files = {"train.log": log.read_bytes()} if log.is_file() else {}
+        shutil.rmtree(local.run_dir, ignore_errors=True)
+        pid_file.unlink(missing_ok=True)
+        return None, files, "", e
     progress.flush()
     files = {}
     for name in RUN_FILES:
@@ -209,7 +216,7 @@ def train_on_worker(index, job, data_spec, data, train_args, latency_runs, laten
     else:
         shutil.rmtree(local.run_dir, ignore_errors=True)
     pid_file.unlink(missing_ok=True)
-    return row, files, kept
+    return row, files, kept, None
 
 
 class RayExecutor:
@@ -254,13 +261,14 @@ class RayExecutor:
                     head, job = jobs[index]
                     seconds = time.perf_counter() - t0.get(index, time.perf_counter())
                     try:
-                        row, files, kept = ray.get(ref)
-                    except Exception as e:
-                        error = getattr(e, "cause", None) or e
+                        row, files, kept, error = ray.get(ref)
+                    except Exception as e:  # the task itself failed: retries used up, or its result was lost
+                        files, error = {}, getattr(e, "cause", None) or e
+                    self._write_back(job, files, kept if error is None else "")
+                    if error is not None:
                         progress.log(f"{head}: FAILED after {seconds:.0f} s: {type(error).__name__}: {error}")
                         yield job, None, error
                         continue
-                    self._write_back(job, files, kept)
                     durations.append(seconds)
                     eta = self._time_left(durations, pending, seen)
                     progress.log(
@@ -310,4 +318,5 @@ class RayExecutor:
         if kept:
             (job.run_dir / "weights").mkdir(parents=True, exist_ok=True)
             (job.run_dir / "weights" / "best.pt.on-worker").write_text(kept + "\n")
-        (job.run_dir / "done.json").write_bytes(files["done.json"])  # last, as a run in-process writes it
+        if "done.json" in files:  # last, as a run in-process writes it; a failed run sends its train.log only
+            (job.run_dir / "done.json").write_bytes(files["done.json"])
