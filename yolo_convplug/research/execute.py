@@ -202,21 +202,28 @@ def train_on_worker(index, job, data_spec, data, train_args, latency_runs, laten
         pid_file.unlink(missing_ok=True)
         return None, files, "", e
     progress.flush()
-    files = {}
-    for name in RUN_FILES:
-        path = local.run_dir / name
-        if path.is_file() and not (keep_weights and name.endswith(".pt")):
-            files[name] = path.read_bytes()
-    kept = ""
-    if keep_weights:
-        kept = f"{socket.gethostname()}:{local.run_dir / 'weights' / 'best.pt'}"
-        for path in sorted(local.run_dir.rglob("*"), reverse=True):
-            if path.is_file() and path.name != "best.pt":
-                path.unlink()
-    else:
-        shutil.rmtree(local.run_dir, ignore_errors=True)
+    files, kept = collect_run(local.run_dir, keep_weights)
     pid_file.unlink(missing_ok=True)
     return row, files, kept, None
+
+
+def collect_run(run_dir: Path, keep_weights: bool) -> tuple[dict[str, bytes], str]:
+    """A finished run's files to send back (:data:`RUN_FILES`, without ``best.pt`` when kept on the worker) and
+    ``host:path`` of the kept ``best.pt`` (else ""); the rest of the worker's folder is removed."""
+    import socket
+
+    files = {}
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_file() and not (keep_weights and name.endswith(".pt")):
+            files[name] = path.read_bytes()
+    if not keep_weights:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return files, ""
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.name != "best.pt":
+            path.unlink()
+    return files, f"{socket.gethostname()}:{run_dir / 'weights' / 'best.pt'}"
 
 
 class RayExecutor:
