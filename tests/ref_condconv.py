@@ -1,6 +1,6 @@
 """Naive CondConv reference, written independently of ``yolo_convplug.modules.condconv``.
 
-The per-sample Python loop of the seed, corrected and written from the paper (Yang et al., NeurIPS 2019,
+The per-sample Python loop of the blog article, corrected and written from the paper (Yang et al., NeurIPS 2019,
 arXiv:1904.04971): for each sample pool, route ``r = sigmoid(R · dropout(GAP(x)) + b)``, mix the kernel
 ``sum_i r_i W_i`` expert by expert, convolve that one sample; then BN and SiLU over the batch. Parameters carry the
 module's names and shapes, so ``load_state_dict`` moves weights between the two.

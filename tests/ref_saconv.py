@@ -1,6 +1,6 @@
 """Naive SAConv reference, written independently of ``yolo_convplug.modules.saconv``.
 
-The DetectoRS formulation (Qiao et al., CVPR 2021, arXiv:2006.02334) as the seed writes it, corrected: ConvAWS weight
+The DetectoRS formulation (Qiao et al., CVPR 2021, arXiv:2006.02334) as the blog writes it, corrected: ConvAWS weight
 standardisation (nested means, unbiased variance), pre-context ``x + conv1x1(GAP(x))``, switch
 ``conv1x1_stride_s(avgpool5x5(x))`` pooled at all ``c1`` channels, two explicit convolutions (dilation ``d`` and
 ``3d``) with no state swapped on ``self``, ``S * out_s + (1 - S) * out_l``, post-context, BN, SiLU. The pooling is

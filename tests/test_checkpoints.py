@@ -1,4 +1,4 @@
-"""Float16 checkpoints of briefly trained models keep their BN statistics and their function (issue 8).
+"""Float16 checkpoints of briefly trained models keep their BN statistics and their function.
 
 Ultralytics saves ``last.pt``/``best.pt`` in float16 (largest value 65504, to which it clamps an overflow). A module
 whose BN sees inputs far larger than a Conv's (SAConv2d's first initialisation: ~1000x the variance) ends up with a

@@ -257,7 +257,7 @@ def bn_input_variance(m: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> floa
 @cases
 def test_fresh_bn_input_variance_like_conv(case: Case):
     """A fresh module feeds its BN inputs of a fresh Conv's (C2f's) variance, within 10x either way: BN's running
-    variance then stays at a Conv's scale and fits the float16 checkpoints Ultralytics saves (issue 8)."""
+    variance then stays at a Conv's scale and fits the float16 checkpoints Ultralytics saves."""
     m, stock = case.build(), case.stock()
     bn = main_bn(m)
     if bn is None:

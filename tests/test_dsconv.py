@@ -107,7 +107,7 @@ def test_least_squares_scale_beats_the_max_abs_step():
     [{}, {"kds_bias": True}, {"cds": True}, {"g": 2, "block_size": 5}, {"d": 2}, {"mode": "shift", "cds": True}],
 )
 def test_the_conv_uses_the_dequantised_kernel(kwargs):
-    """The seed's bug was a forward that ignored its quantisation: here the output must be conv(x, W_q)."""
+    """The blog code's bug was a forward that ignored its quantisation: here the output must be conv(x, W_q)."""
     m = trained_like(DSConv2d(24, 16, 3, bits=2, **kwargs))
     x = torch.randn(2, 24, 9, 9)
     for mode in (False, True):

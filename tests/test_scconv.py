@@ -114,7 +114,7 @@ def test_module_options_match_reference(alpha, squeeze, group_size):
 
 @pytest.mark.parametrize("gamma", ["alternating", "tiny", "zero"])
 def test_no_nan_when_gamma_sums_to_zero(gamma):
-    """The seed divides by sum(gamma): +-1 gammas sum to exactly 0 there. Here forward and backward stay finite."""
+    """The blog code divides by sum(gamma): +-1 gammas sum to exactly 0 there. Here forward and backward stay finite."""
     m = ScConv(32, 32).train()
     with torch.no_grad():
         g = m.gn.weight
