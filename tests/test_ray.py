@@ -144,6 +144,14 @@ def test_ray_address_that_does_not_answer_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_host_port_that_does_not_answer_is_one_line_at_once(tmp_path):
+    t = time.perf_counter()
+    r = _main(["--ray", "127.0.0.1:9", "baseline", "--out", str(tmp_path / "out")])
+    assert r.returncode == 2 and r.stdout == "" and time.perf_counter() - t < 60
+    assert r.stderr.startswith("--ray 127.0.0.1:9: no Ray cluster answers there (") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_ray_resource_flags_reach_the_ablation(monkeypatch):
     calls = []
     monkeypatch.setattr(ablate_mod, "ablate", lambda variants, **kw: calls.append(kw))

@@ -97,6 +97,7 @@ def connect_ray(address: str = "local", num_cpus: int | None = None, num_gpus: i
         raise RayUnavailable(RAY_MISSING) from None
     if ray.is_initialized():
         return False
+    probe_address(address)
     try:
         if address == "local":
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
@@ -105,6 +106,20 @@ def connect_ray(address: str = "local", num_cpus: int | None = None, num_gpus: i
     except Exception as e:  # ConnectionError, TimeoutError, RuntimeError, ValueError depending on the address kind
         raise RayUnavailable(f"--ray {address}: cannot join a Ray cluster there: {type(e).__name__}: {e}") from None
     return True
+
+
+def probe_address(address: str, timeout_s: float = 5) -> None:
+    """Raise :class:`RayUnavailable` when a ``host:port`` address accepts no connection within ``timeout_s`` (Ray
+    itself retries such an address for minutes); ``local``, ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address in ("local", "auto") or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayUnavailable(f"--ray {address}: no Ray cluster answers there ({e})") from None
 
 
 def ray_resources() -> tuple[float, float]:
