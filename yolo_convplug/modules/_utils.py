@@ -66,6 +66,16 @@ def check_conv_args(module: str, c1, c2, k, s, p=None, g=1, d=1, min_channels: i
     require(c1 % g == 0 and c2 % g == 0, module, "g", g, f"groups must divide c1={c1} and c2={c2}")
 
 
+def fuse_own_bn(module: nn.Module) -> nn.Module:
+    """Fold ``module.bn`` into ``module.conv`` (exact in eval), delete the BN and switch ``forward`` to
+    ``forward_fuse``, as Ultralytics' ``Conv`` is fused; a second call does nothing."""
+    if hasattr(module, "bn"):
+        module.conv = fuse_conv_and_bn(module.conv, module.bn)
+        del module.bn
+        module.forward = module.forward_fuse
+    return module
+
+
 def fuse_convs(module: nn.Module) -> nn.Module:
     """Fold the BN of every Ultralytics ``Conv`` inside ``module`` into its conv, as ``BaseModel.fuse`` does."""
     for m in module.modules():

@@ -11,11 +11,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
 from ._stock import copy_bn, stock_conv_bn
-from ._utils import check_conv_args, require, require_int, resolve_act
+from ._utils import check_conv_args, fuse_own_bn, require, require_int, resolve_act
 
 
 def initial_shape(num_points: int) -> torch.Tensor:
@@ -112,11 +111,7 @@ class AKConv(nn.Module):
 
     def fuse(self):
         """Fold BN into the point convolution (exact in eval); the offsets still come from the input."""
-        if hasattr(self, "bn"):
-            self.conv = fuse_conv_and_bn(self.conv, self.bn)
-            del self.bn
-            self.forward = self.forward_fuse
-        return self
+        return fuse_own_bn(self)
 
     @torch.no_grad()
     def convert_from(self, stock: nn.Module) -> str:

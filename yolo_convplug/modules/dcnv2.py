@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from ultralytics.nn.modules.conv import autopad
-from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import register
 from ._deform import deform_conv
 from ._stock import copy_bn, stock_conv_bn
-from ._utils import check_conv_args, require, require_int, resolve_act
+from ._utils import check_conv_args, fuse_own_bn, require, require_int, resolve_act
 
 
 def _dcnv2_macs(m, x, y):
@@ -103,11 +102,7 @@ class DCNv2(nn.Module):
 
     def fuse(self):
         """Fold BN into the kernel and a bias (exact), delete BN, switch ``forward`` to ``forward_fuse``."""
-        if hasattr(self, "bn"):
-            self.conv = fuse_conv_and_bn(self.conv, self.bn)
-            del self.bn
-            self.forward = self.forward_fuse
-        return self
+        return fuse_own_bn(self)
 
     def convert_from(self, stock: nn.Module) -> str:
         """Warm start from an Ultralytics ``Conv`` of the same geometry and activation: its kernel and BN (statistics,

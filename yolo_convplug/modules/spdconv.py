@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules.conv import autopad
-from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
 from ._stock import copy_bn, stock_conv_bn
-from ._utils import check_conv_args, require, resolve_act
+from ._utils import check_conv_args, fuse_own_bn, require, resolve_act
 
 
 def _spdconv_macs(m, x, y):
@@ -81,11 +80,7 @@ class SPDConv(nn.Module):
 
     def fuse(self):
         """Fold BN into the convolution (exact in eval) and switch ``forward`` to ``forward_fuse``."""
-        if hasattr(self, "bn"):
-            self.conv = fuse_conv_and_bn(self.conv, self.bn)
-            del self.bn
-            self.forward = self.forward_fuse
-        return self
+        return fuse_own_bn(self)
 
     @torch.no_grad()
     def convert_from(self, stock: nn.Module) -> str:
