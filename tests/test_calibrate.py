@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from conftest import CFG_MODELS, run_cli, scaled
-from module_checks import randomize_
+from module_checks import norm_rel_err, randomize_
 from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
@@ -40,10 +40,6 @@ def images() -> torch.Tensor:
     return torch.nn.functional.interpolate(torch.rand(4, 3, 16, 16, generator=g), size=64, mode="bilinear")
 
 
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def layer_error(stock, model, i, x) -> float:
     """Layer ``i``'s relative output error against the stock layer on the stock layer's own input."""
     seen = {}
@@ -51,7 +47,7 @@ def layer_error(stock, model, i, x) -> float:
     with torch.no_grad():
         stock(x)
         h.remove()
-        return rel_err(model.model[i].eval()(seen["x"]), seen["y"])
+        return norm_rel_err(model.model[i].eval()(seen["x"]), seen["y"])
 
 
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "stock-inputs"])
