@@ -15,7 +15,7 @@ from .integration import UnsupportedUltralyticsError, patch_tasks
 from .model_yaml import ModelYamlError
 from .registry import ConversionError, register, registered, unregister
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _MODULE_CLASSES = ("SAConv2d", "DSConv2d", "ScConv", "CondConv", "ODConv", "PConv", "FasterBlock", "C2f_Faster",
                    "SPDConv", "SPConv", "AKConv", "DySnakeConv", "DCNv2", "DiverseBranchBlock", "ConvControl")
