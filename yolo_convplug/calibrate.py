@@ -34,7 +34,7 @@ DEFAULT_BATCH = 8  # images per Adam step
 NEEDS_CALIBRATION = ("approximate", "fresh")
 
 
-def _layer_io(model, indices, images: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def layer_io(model, indices, images: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Input and output of ``model.model[i]`` for each ``i`` on ``images`` (eval, no grad)."""
     seen, hooks = {}, []
     for i in indices:
@@ -152,13 +152,13 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
     if not indices:
         return []
     records = {r["layer"]: r for r in getattr(model, "_convplug_warm_start", ())}
-    targets = _layer_io(stock, indices, images)
+    targets = layer_io(stock, indices, images)
     training = model.training
     lines = []
     for i in indices:
         t = time.perf_counter()
         layer, name = model.model[i], type(model.model[i]).__name__
-        x = _layer_io(model, [i], images)[i][0] if sequential else targets[i][0]
+        x = layer_io(model, [i], images)[i][0] if sequential else targets[i][0]
         y = targets[i][1]
         if not isinstance(y, torch.Tensor) or layer.eval()(x[:1]).shape[1:] != y.shape[1:]:
             lines.append(f"layer {i} {name}: not calibrated (its output shape differs from the stock layer's)")

@@ -27,34 +27,15 @@ def load_images(data: str, n: int = 16, imgsz: int = 160, split: str = "val") ->
     return torch.from_numpy(np.stack(images).copy()).permute(0, 3, 1, 2).float() / 255
 
 
-def _layer_io(model, indices: list[int], x: torch.Tensor) -> dict[int, tuple]:
-    """Inputs and outputs of ``model.model[i]`` for each ``i`` on the batch ``x`` (eval, no grad)."""
-    seen, hooks = {}, []
-    for i in indices:
-        hooks.append(model.model[i].register_forward_hook(lambda m, a, y, i=i: seen.__setitem__(i, (a[0], y))))
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def layer_errors(stock, plugin, images: torch.Tensor) -> dict[int, tuple[str, float]]:
     """Layer index -> (module name, relative error of its output on the stock layer's real input)."""
+    from ..calibrate import layer_io, relative_error
     from ..registry import registered
 
     ours = tuple(e.cls for e in registered().values())
     indices = [i for i, m in enumerate(plugin.model) if isinstance(m, ours) and type(m) is not type(stock.model[i])]
-    io = _layer_io(stock, indices, images)
-    out = {}
-    with torch.no_grad():
-        for i in indices:
-            x, y = io[i]
-            y_plugin = plugin.model[i].eval()(x)
-            out[i] = (type(plugin.model[i]).__name__, ((y_plugin - y).norm() / y.norm()).item())
-    return out
+    io = layer_io(stock, indices, images)
+    return {i: (type(plugin.model[i]).__name__, relative_error(plugin.model[i], *io[i])) for i in indices}
 
 
 def converted_model(model_yaml: str, stock):
