@@ -52,6 +52,17 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
+def random_stock_conv(c1: int, c2: int, k: int, s: int, g: int = 1, d: int = 1, seed: int = 2) -> nn.Module:
+    """An Ultralytics ``Conv`` in eval mode with non-trivial BN (``randomize_``) and a kernel of non-zero mean, as a
+    trained stock layer to convert from."""
+    from ultralytics.nn.modules import Conv
+
+    stock = randomize_(Conv(c1, c2, k, s, g=g, d=d), seed=seed).eval()
+    with torch.no_grad():
+        stock.conv.weight.normal_(0.02, 0.1)
+    return stock
+
+
 def onnx_outputs(module: torch.nn.Module, example: torch.Tensor, batches=(1, 3), opset: int = 17):
     """Export ``module`` (eval) at ``example``'s batch with a dynamic batch axis (TorchScript exporter, ``opset``) and
     yield ``(onnxruntime output, PyTorch output)`` for random inputs of each batch size in ``batches``."""

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import norm_rel_err, randomize_, rel_err
+from module_checks import norm_rel_err, random_stock_conv, randomize_, rel_err
 from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules.akconv import AKConv, initial_shape
@@ -81,9 +81,7 @@ def plain_conv_reference(stock: Conv, x: torch.Tensor) -> torch.Tensor:
                                                        (8, 16, 1, 2, 1)])
 @pytest.mark.parametrize("hw", [(1, 1), (7, 9), (8, 12)])
 def test_k_squared_points_with_zero_offsets_equal_the_plain_conv(c1, c2, k, s, g, hw):
-    stock = randomize_(Conv(c1, c2, k, s, g=g), seed=2).eval()
-    with torch.no_grad():
-        stock.conv.weight.normal_(0.02, 0.1)
+    stock = random_stock_conv(c1, c2, k, s, g=g)
     m = randomize_(AKConv(c1, c2, k, s, g=g), seed=4)
     assert m.convert_from(stock).startswith("exact")
     x = torch.randn(3, c1, *hw)

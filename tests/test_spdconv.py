@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import norm_rel_err, randomize_, rel_err
+from module_checks import norm_rel_err, random_stock_conv, randomize_, rel_err
 from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules.spdconv import SPDConv
@@ -61,9 +61,7 @@ def strided_conv_reference(stock: Conv, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("hw", [(7, 9), (8, 8), (13, 6), (1, 2)])
 def test_conversion_from_strided_conv_is_exact(c1, c2, k, s, g, d, hw):
     """Odd and even maps: the converted SPDConv gives the strided Conv's output shape and values (1e-5)."""
-    stock = randomize_(Conv(c1, c2, k, s, g=g, d=d), seed=2).eval()
-    with torch.no_grad():
-        stock.conv.weight.normal_(0.02, 0.1)
+    stock = random_stock_conv(c1, c2, k, s, g=g, d=d)
     m = randomize_(SPDConv(c1, c2, k, s, g=g), seed=5)
     assert m.convert_from(stock).startswith("exact")
     x = torch.randn(3, c1, *hw)
