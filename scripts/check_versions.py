@@ -112,21 +112,22 @@ def check(version: str, venv_root: Path, torch_spec: str, tests: list[str], log_
         env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         env["YOLO_CONFIG_DIR"] = str(venv / "ultralytics-config")  # keep the user's settings.json untouched
         cmd = [str(venv / "bin" / "python"), "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-rfE"]
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        row["test_s"] = time.time() - t0
-        log.write(proc.stdout + proc.stderr)
+
+        def logged_run(command: list[str], seconds_key: str) -> subprocess.CompletedProcess:
+            """Run ``command`` in the venv's environment, its command line and output in the log, its time in row."""
+            log.write(f"\n$ {' '.join(command)}\n")
+            log.flush()
+            t0 = time.time()
+            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+            row[seconds_key] = time.time() - t0
+            log.write(result.stdout + result.stderr)
+            return result
+
+        proc = logged_run(cmd, "test_s")
         if suite is not None:
             guard = [str(venv / "bin" / "python"), str(ROOT / "scripts" / "check_ultralytics_suite.py")]
             guard += ["--files", *suite] if suite else []
-            log.write(f"\n$ {' '.join(guard)}\n")
-            log.flush()
-            t0 = time.time()
-            suite_proc = subprocess.run(guard, cwd=ROOT, env=env, capture_output=True, text=True)
-            row["suite_s"] = time.time() - t0
-            log.write(suite_proc.stdout + suite_proc.stderr)
+            suite_proc = logged_run(guard, "suite_s")
             row["suite"] = suite_proc.stdout.strip().splitlines()[-1:] or ["no output"]
     row["counts"] = _summary(proc.stdout)
     row["rc"] = proc.returncode
