@@ -108,6 +108,23 @@ def test_killed_worker_is_retried_and_every_row_is_there_once(tmp_path, local_ra
         assert kept.startswith(str(local_ray)) and _weights(kept)
 
 
+def test_runs_at_once_never_exceed_the_cpus(tmp_path, local_ray):
+    """2 CPUs, 2 CPUs a run: one trainer at a time (a task blocked in ray.get would lend its CPUs to the next run)."""
+    most, stop = [0], threading.Event()
+
+    def count_trainers():
+        while not stop.is_set():
+            most[0] = max(most[0], len(list(local_ray.rglob("seed*.pid"))))
+            time.sleep(0.05)
+
+    counter = threading.Thread(target=count_trainers, daemon=True)
+    counter.start()
+    rows = ablate(["baseline"], out=tmp_path / "out", seeds=[0, 1], ray="local", cpus_per_run=2, **KW)
+    stop.set()
+    counter.join()
+    assert len(rows) == 2 and most[0] == 1
+
+
 def test_a_failing_run_is_reported_once_with_its_train_log(tmp_path, local_ray, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("nc: 80\nbackbone:\n  - [-1, 1, Conv, [16, 3, 2]]\n  - [-1, 1, NoSuchModule, [32]]\n"

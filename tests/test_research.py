@@ -34,7 +34,7 @@ def test_variants_discovered_from_cfg_folder(tmp_path, monkeypatch):
         default_variants("yolo26")
 
 
-def test_short_names_resolve_from_the_package():
+def test_short_names_resolve_from_the_package(tmp_path):
     from ultralytics.nn.tasks import yaml_model_load
 
     for spec, family, scale, name, yaml_scale in [
@@ -48,6 +48,12 @@ def test_short_names_resolve_from_the_package():
         assert d["scale"] == yaml_scale and d["backbone"]
     assert resolve_variant("baseline", "yolo26").model == "yolo26n.yaml"
     assert resolve_variant("yolo11n.yaml").model == "yolo11n.yaml"  # Ultralytics' own, unchanged
+    # a scaled YAML of the user's, in a folder: named by its file, built from that folder, not from the package
+    own = tmp_path / "yolov8-odconv-anneal.yaml"
+    shutil.copy(variants.CFG_MODELS / "yolov8-odconv.yaml", own)
+    v = resolve_variant(str(tmp_path / "yolov8n-odconv-anneal.yaml"))
+    assert v == variants.Variant("yolov8n-odconv-anneal", str(tmp_path / "yolov8n-odconv-anneal.yaml"))
+    assert yaml_model_load(v.model)["scale"] == "n"
     with pytest.raises(ValueError, match="'sacon' is not 'baseline', a yolov8 slug .*saconv"):
         resolve_variant("sacon")
     with pytest.raises(ValueError, match="scale='q'"):

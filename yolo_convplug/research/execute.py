@@ -205,9 +205,10 @@ def train_on_worker(index, job, data_spec, data, train_args, latency_runs, laten
     pid_file = local.run_dir.parent / f"{local.run_dir.name}.pid"  # lets an operator (or a test) find the trainer
     pid_file.write_text(str(os.getpid()))
     where = f"{socket.gethostname()} {'GPU ' + ','.join(map(str, gpus)) if gpus else 'CPU'}"
-    ray.get(board.started.remote(index, {"where": where, "pid": os.getpid()}))
-    data = data if Path(data).exists() else resolve_data(data_spec)  # a worker without the driver's files makes them
     progress = BoardProgress(board, index)
+    # never ray.get before the training ends: a task blocked in ray.get lends its CPUs, and Ray would start another run
+    progress.sent.append(board.started.remote(index, {"where": where, "pid": os.getpid()}))
+    data = data if Path(data).exists() else resolve_data(data_spec)  # a worker without the driver's files makes them
     try:
         row = run_one(local, data, {**train_args, "device": device}, latency_runs, latency_threads, quiet, progress)
     except Exception as e:  # a real failure: reported once (no retry), with its train.log sent back

@@ -6,7 +6,7 @@ edit. Names resolve from the installed package, not from a checkout:
 
 - ``baseline`` -> Ultralytics' ``<family><scale>.yaml`` (``yolov8n.yaml``);
 - a slug (``saconv``, ``c2f-faster``) -> ``cfg/models/<family><scale>-<slug>.yaml``;
-- a scaled name of one of our YAMLs (``yolo11s-condconv.yaml``) -> the same file at that scale;
+- a scaled file name of one of our YAMLs (``yolo11s-condconv.yaml``, no folder) -> the same file at that scale;
 - a YAML path -> made absolute; another file name (``yolo11n.yaml``, a checkpoint) goes to Ultralytics unchanged;
 - any other word is an error that lists the family's slugs.
 
@@ -70,7 +70,7 @@ def resolve_variant(spec: str, family: str = DEFAULT_FAMILY, scale: str = "n") -
         return _ours(family, scale, spec)
     p = Path(spec).expanduser()
     m = _SCALED.fullmatch(spec)
-    if m and not p.is_file() and (CFG_MODELS / f"{m['family']}-{m['slug']}.yaml").is_file():
+    if m and p.parent == Path(".") and not p.is_file() and (CFG_MODELS / f"{m['family']}-{m['slug']}.yaml").is_file():
         return _ours(m["family"], m["scale"], m["slug"])
     if p.suffix in (".yaml", ".yml") and (p.is_file() or p.parent != Path(".")):
         # a file, or a scaled name such as path/to/yolov8n-x.yaml whose unscaled file exists next to it
