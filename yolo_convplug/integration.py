@@ -71,6 +71,7 @@ class _ParseModelTransformer(ast.NodeTransformer):
         self.legacy_hook = False
         self.conv_names: set[str] = set()  # Ultralytics' own modules in the sets that contain Conv
         self.repeat_names: set[str] = set()  # ... and in the sets that contain C2f (the repeat_modules)
+        self.non_legacy_names: set[str] = set()  # X of every ``if m is X:`` branch that sets ``legacy = False``
 
     def visit_Assign(self, node):
         names = _set_names(node.value)
@@ -106,6 +107,12 @@ class _ParseModelTransformer(ast.NodeTransformer):
 
     def visit_If(self, node):
         test = node.test
+        if isinstance(test, ast.Compare) and isinstance(test.ops[0], ast.Is) and any(
+            isinstance(s, ast.Assign) and getattr(s.targets[0], "id", None) == "legacy"
+            and getattr(s.value, "value", None) is False
+            for s in node.body
+        ) and isinstance(test.comparators[0], ast.Name):  # fmt: skip
+            self.non_legacy_names.add(test.comparators[0].id)
         is_conv_branch = (
             isinstance(test, ast.Compare)
             and isinstance(test.left, ast.Name)
@@ -145,6 +152,7 @@ def _patched_parse_model(tasks: types.ModuleType):
         )
     _ROLES.update({n: "repeat" for n in transformer.repeat_names})
     _ROLES.update({n: "conv" for n in transformer.conv_names - transformer.repeat_names})
+    _NON_LEGACY.update(transformer.non_legacy_names)
     ast.increment_lineno(tree, first_line - 1)  # tracebacks point at the real lines of tasks.py
     namespace: dict = {}
     exec(compile(tree, inspect.getsourcefile(original) or "<parse_model>", "exec"), vars(tasks), namespace)
@@ -158,18 +166,32 @@ def _unsupported(reason: str) -> str:
     )
 
 
-_ROLES: dict[str, str] = {}  # Ultralytics' own module name -> "conv"/"repeat", read from its parse_model
+# What the patch read in the installed parse_model: Ultralytics' own module name -> "conv"/"repeat", and the modules
+# whose presence selects the modern (non-legacy) Detect head
+_ROLES: dict[str, str] = {}
+_NON_LEGACY: set[str] = set()
+
+
+def _read_parser() -> None:
+    if not _ROLES:
+        import ultralytics.nn.tasks  # noqa: F401  (importing patches it, which fills _ROLES and _NON_LEGACY)
+
+        patch_tasks()
 
 
 def ultralytics_roles() -> dict[str, str]:
     """Ultralytics' own module names by parser role, as the installed ``parse_model`` lists them: ``repeat`` for its
     ``repeat_modules`` (``C2f``, ``C3k2``, ...: the parser inserts ``n``), ``conv`` for the rest of the set that
     holds ``Conv`` (``c1`` inserted, ``c2`` width-scaled)."""
-    if not _ROLES:
-        import ultralytics.nn.tasks  # noqa: F401  (importing patches it, which fills _ROLES)
-
-        patch_tasks()
+    _read_parser()
     return dict(_ROLES)
+
+
+def non_legacy_modules() -> frozenset[str]:
+    """The modules whose presence makes Ultralytics build the modern Detect head: those whose ``if m is X:`` branch
+    in the installed ``parse_model`` sets ``legacy = False`` (C3k2, A2C2f, C2fCIB in 8.4)."""
+    _read_parser()
+    return frozenset(_NON_LEGACY)
 
 
 def _sync_names(tasks: types.ModuleType, d: dict) -> None:

@@ -22,9 +22,7 @@ swap that removes all of them writes the top-level key ``legacy: false`` to keep
 
 from __future__ import annotations
 
-import ast
 import copy
-import functools
 import inspect
 import re
 from pathlib import Path
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .integration import ultralytics_roles
+from .integration import non_legacy_modules, ultralytics_roles
 from .model_yaml import row_error, rows
 from .plugins import load_user_modules
 from .registry import registered, yaml_parameters
@@ -63,28 +61,6 @@ def _known(name: str) -> bool:
     if name.startswith("torchvision.ops."):
         return hasattr(torchvision.ops, name[16:])
     return name in registered() or isinstance(getattr(tasks, name, None), type)
-
-
-@functools.cache
-def non_legacy_modules() -> frozenset[str]:
-    """The modules whose presence makes Ultralytics build the modern Detect head: those whose ``if m is X:`` branch
-    in the installed ``parse_model`` sets ``legacy = False`` (C3k2, A2C2f, C2fCIB in 8.4)."""
-    from ultralytics.nn import tasks
-
-    parse_model = inspect.unwrap(tasks.parse_model)
-    out = set()
-    for node in ast.walk(ast.parse(inspect.getsource(parse_model).lstrip())):
-        test = getattr(node, "test", None)
-        if not (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.ops[0], ast.Is)):
-            continue
-        sets_false = any(
-            isinstance(s, ast.Assign) and getattr(s.targets[0], "id", None) == "legacy" and s.value.value is False
-            for s in node.body
-            if isinstance(getattr(s, "value", None), ast.Constant)
-        )
-        if sets_false and isinstance(test.comparators[0], ast.Name):
-            out.add(test.comparators[0].id)
-    return frozenset(out)
 
 
 def _yaml_params(cls: type, role: str) -> list[inspect.Parameter] | None:

@@ -9,23 +9,8 @@ import copy
 import torch
 
 from .model_yaml import ModelYamlError, row_error, rows
+from .ultralytics_compat import HEAD_MODELS, TASK_MODELS
 
-# Heads that Ultralytics builds with a model class of their own (it picks them by file name: "-world", "yoloe", ...)
-HEAD_MODELS = {
-    "WorldDetect": "WorldModel",
-    "YOLOEDetect": "YOLOEModel",
-    "YOLOESegment": "YOLOESegModel",
-    "YOLOESegment26": "YOLOESegModel",
-    "RTDETRDecoder": "RTDETRDetectionModel",
-}
-TASK_MODELS = {
-    "classify": "ClassificationModel",
-    "segment": "SegmentationModel",
-    "pose": "PoseModel",
-    "obb": "OBBModel",
-    "semantic": "SemanticSegmentationModel",
-    "depth": "DepthModel",
-}
 VERIFY_SIZE = 256  # the input of Ultralytics' own stride pass (DetectionModel), used where a model has none
 
 

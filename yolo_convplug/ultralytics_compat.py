@@ -1,5 +1,8 @@
 """What this package knows about Ultralytics releases, in one place: the supported range (``pyproject.toml``'s
-dependency must say the same; a test checks it), version parsing, and the model families a release can build."""
+dependency must say the same; a test checks it), version parsing, the model families a release can build, and the
+model classes that Ultralytics picks by head or task. What the installed parser itself says (its module roles, the
+modules that select the modern Detect head) is read from its source by the patch that extends it,
+:func:`yolo_convplug.integration.ultralytics_roles` and :func:`~yolo_convplug.integration.non_legacy_modules`."""
 
 from __future__ import annotations
 
@@ -8,6 +11,24 @@ import re
 SUPPORTED_RANGE = ">=8.3.0,<8.5"
 MINIMUM, BELOW = (8, 3, 0), (8, 5)  # the range above as tuples: MINIMUM <= version < BELOW (compared on major.minor)
 FAMILY_MINIMUM = {"yolo26": (8, 4)}  # model families that older supported releases cannot build
+
+# Heads that Ultralytics builds with a model class of their own (it picks them by file name: "-world", "yoloe", ...)
+HEAD_MODELS = {
+    "WorldDetect": "WorldModel",
+    "YOLOEDetect": "YOLOEModel",
+    "YOLOESegment": "YOLOESegModel",
+    "YOLOESegment26": "YOLOESegModel",
+    "RTDETRDecoder": "RTDETRDetectionModel",
+}
+# The model class of each task other than detect (DetectionModel), as tasks.guess_model_task names them
+TASK_MODELS = {
+    "classify": "ClassificationModel",
+    "segment": "SegmentationModel",
+    "pose": "PoseModel",
+    "obb": "OBBModel",
+    "semantic": "SemanticSegmentationModel",
+    "depth": "DepthModel",
+}
 
 
 def parse_version(ver: str) -> tuple[int, ...]:
