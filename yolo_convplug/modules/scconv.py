@@ -85,47 +85,14 @@ class ScConv(nn.Module):
     and the module returns ``act(BN(Y))``. ``b1, b2`` follow the paper's Eq. 8 (a softmax over the two branches,
     per channel, b1 + b2 = 1); the unofficial code instead softmaxes across all 2·c2 channels at once.
 
-    Defaults, and where they come from:
-
-    - ``gate_threshold`` t = 0.5: paper Sec. 2.1 ("the threshold is set to 0.5 in the experiments");
-    - ``alpha`` = 1/2: paper Sec. 3.2 (split-ratio study, Fig. 4: the best FLOPs-accuracy trade-off) and the
-      general setting of Sec. 2.3 (alpha = 1/2, r = 2, g = 2);
-    - ``squeeze`` r = 2: paper Sec. 2.2 ("r = 2 is a typical setting in the experiments");
-    - ``group_size`` g = 2 groups of the GWC: paper Sec. 2.2 ("we set group size g = 2 in the experiments");
-    - GroupNorm groups: the paper gives no number. 16 is the unofficial code's SRU default (``group_num=16``; its
-      ``ScConv`` wrapper passed 16, later 4); here it is an upper bound, see below.
-
-    Beyond the paper's ``c1 = c2, s = 1``, the CRU maps c1 to c2 with stride s, as ``Conv(c1, c2, k, s)`` does:
-
-    - the GWC carries the kernel ``k``, stride ``s``, padding ``autopad(k, p, d)`` and dilation ``d``; the point-wise
-      paths (PWC1 and the whole lower path, squeeze, PWC2 and reuse) sample the kxk window centres, i.e. a 1x1 conv
-      of stride ``s`` after padding/cropping so that their output size equals the GWC's (no op for odd ``k`` with
-      autopad); the lower path is squeezed after the stride, so it only runs at the output resolution;
-    - squeezed widths come from ``m = min(c1, c2)``: ``su = round(alpha·m) // squeeze``, ``sl = (m - round(alpha·m))
-      // squeeze`` (at least 1; ``sl <= c2 - 1`` so PWC2 keeps an output), the paper's ``alpha·C/r`` when c1 = c2;
-      narrow outputs thus get narrow squeezes and the module stays below the plain conv's params for any c1, c2;
-    - group counts adapt: GroupNorm uses ``gn_groups`` or the largest divisor of c1 up to 16 that leaves 2 channels
-      per group (a one-value group cannot normalise a 1x1 map), the GWC the largest divisor of gcd(su, c2) up to
-      ``group_size``; odd channel counts work;
-    - a kxk GWC that would see one squeezed channel (``su = 1``: ``min(c1, c2) < 7`` at the defaults, e.g. layer 0
-      on the 3 RGB channels) is refused: it would be a per-channel filter of one linear mix of the input, far less
-      than the dense conv it stands in for;
-    - with ``k = 1`` the GWC is itself point-wise and GWC + PWC1 would be one 1x1 conv written twice, so only PWC1 is
-      kept.
-
-    The GroupNorm is registered first and keeps ``gamma`` and ``beta`` as (1, c1, 1, 1) tensors, so that a model
-    whose layer 0 is ScConv has c1 along dim 1 of its first parameter: Ultralytics' GFLOPs counter reads the input
-    channels from there. State dicts with the former (c1,) shapes still load.
-
-    BN is not folded by ``fuse()``: it follows the input-dependent softmax mix of Y1 and Y2. Since b1 + b2 = 1 the BN
-    affine does distribute over both branches, but the reused channels of Y2 are the squeezed features that also feed
-    PWC2, so their scale cannot enter any kernel, and the attention would have to undo the scale (division by
-    gamma/sigma, undefined where it is 0). ``fuse()`` therefore changes nothing and returns self: exact by
-    construction.
-
-    No warm start from a stock ``Conv``: no tensor of SRU or CRU corresponds to a dense kxk kernel, and the stock
-    BN's statistics describe a computation ScConv does not do, so ``convert_from`` raises ``ConversionError`` and the
-    layer starts fresh.
+    Defaults follow the paper (t = 0.5, alpha = 1/2, r = 2, g = 2; GroupNorm groups, which it does not give, at most
+    16 as the unofficial code). Beyond the paper's ``c1 = c2, s = 1`` the CRU maps c1 to c2 with stride s as
+    ``Conv(c1, c2, k, s)`` does: the GWC carries ``k, s, p, d``, the point-wise paths sample the window centres at
+    stride s, the squeezed widths come from ``min(c1, c2)`` and the group counts adapt to the widths. A layer whose kxk
+    GWC would see a single squeezed channel (``min(c1, c2) < 7``, e.g. layer 0 on RGB) is refused. ``fuse()`` changes
+    nothing (BN follows the input-dependent mix and cannot enter a kernel) and ``convert_from`` raises
+    ``ConversionError`` (no tensor corresponds to a dense kernel): the warm start calibrates the layer instead.
+    ``docs/modules.md`` gives the sources of the defaults and the reasons for each of these choices.
 
     Args:
         c1 (int): Input channels (>= 2).
