@@ -179,6 +179,49 @@ def test_report_several_seeds_marks_beyond_spread(tmp_path, figures):
     assert figures[-1].bars == 4 and figures[-1].title.startswith("shapes, 20 epochs, imgsz 160, seeds 0, 1, from")
 
 
+def test_fine_tuned_report_pairs_seeds_and_compares_with_the_control(tmp_path):
+    """Fine-tuned: per-seed differences from the baseline (the same seed, the same start), beyond spread on them,
+    and beyond control: its band clear of the control's (the variant that computes exactly the stock layer)."""
+    maps = {
+        "yolov8n": (0.50, 0.60, 0.70),
+        "yolov8n-control": (0.505, 0.603, 0.707),  # the protocol's own bias: +0.005 ± 0.002
+        "yolov8n-a": (0.52, 0.62, 0.72),  # +0.02 every seed: far inside the unpaired spread, beyond both here
+        "yolov8n-b": (0.506, 0.604, 0.706),  # +0.0053: paired-consistent, but no larger than the control's
+        "yolov8n-c": (0.55, 0.55, 0.75),  # +0.05, -0.05, +0.05: inside its own spread
+    }
+    rows = [_row(v, s, m) for v, ms in maps.items() for s, m in enumerate(ms)]
+    tuned = Protocol("shapes", 10, 160, (0, 1, 2), pretrained=str(tmp_path / "stock.pt"))
+    md = write_results(rows, tmp_path, tuned)[1].read_text()
+    table = _table(md)
+
+    def paired(v):
+        d = [a - b for a, b in zip(maps[v], maps["yolov8n"])]
+        mean = sum(d) / 3
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+
+    (mc, sc) = paired("yolov8n-control")
+    for v in maps:
+        if v == "yolov8n":
+            assert table[v]["paired diff"] == table[v]["beyond spread"] == table[v]["beyond control"] == "-"
+            continue
+        m, sd = paired(v)
+        assert table[v]["paired diff"] == f"{m:+.3f} ± {sd:.3f}"
+        assert table[v]["beyond spread"] == ("yes" if abs(m) > sd else "no")
+        if v != "yolov8n-control":
+            assert table[v]["beyond control"] == ("yes" if abs(m) - sd > abs(mc) + sc else "no")
+    assert [table[v]["beyond spread"] for v in maps] == ["-", "yes", "yes", "yes", "no"]
+    assert [table[v]["beyond control"] for v in maps] == ["-", "-", "yes", "no", "no"]
+    assert "Paired: per seed" in md and "yolov8n-control goes through the same warm start" in md
+    # without the control the table says the bias is not measured, and has no control column
+    md = write_results([r for r in rows if r["variant"] != "yolov8n-control"], tmp_path / "nc", tuned)[1].read_text()
+    assert "beyond control" not in _table(md)["yolov8n-a"] and "the protocol's own bias is not measured" in md
+
+
+def test_the_control_is_a_default_variant_only_when_fine_tuning():
+    assert "control" not in default_variants() and default_variants()[0] == "baseline"
+    assert default_variants(control=True) == ["baseline", *variants.slugs()]  # control among them
+
+
 def test_checkpoint_check_flags_a_mismatch(tmp_path):
     assert checkpoint_gap(0.339, 0.577)[1] and checkpoint_gap(0.339, 0.577)[0] == pytest.approx(0.339 / 0.577 - 1)
     assert not checkpoint_gap(0.571, 0.577)[1]  # within 2 %

@@ -25,12 +25,14 @@ from .data import resolve_data, same_images
 from .execute import InProcess, RayExecutor, RayUnavailable, connect_ray, default_resources, ray_resources
 from .plan import (
     DEFAULT_DATA,
+    FINETUNE_DEFAULTS,
     SEED_SPREAD_MAP5095,
     TRAIN_DEFAULTS,
     is_default_protocol,
     load_done,
     plan_jobs,
     pretrained_arg,
+    protocol_defaults,
     settings_key,
 )
 from .progress import Progress
@@ -93,7 +95,8 @@ def ablate(
 
     Args:
         variants: variant specs (see :func:`~yolo_convplug.research.variants.resolve_variant`); default: the
-            baseline and every shipped YAML of ``family``. The first is the baseline.
+            baseline and every shipped YAML of ``family`` (the control only when fine-tuning). The first is the
+            baseline.
         data: dataset (see :func:`~yolo_convplug.research.data.resolve_data`): ``shapes`` (default), a data YAML,
             or None for COCO128 resolution.
         out: output folder; runs go to ``<out>/runs/<variant>/seed<k>``.
@@ -110,7 +113,8 @@ def ablate(
         gpus_per_run: GPUs of a Ray run (fractions share a GPU); default 1 where there are GPUs, else 0.
         keep_weights_on_worker: leave each Ray run's best.pt on its worker instead of sending it back.
         **train_overrides: Ultralytics train arguments replacing ``TRAIN_DEFAULTS`` (epochs, imgsz, batch, device,
-            ``pretrained=WEIGHTS`` to fine-tune every variant and the baseline from the same weights, ...).
+            ``pretrained=WEIGHTS`` to fine-tune every variant and the baseline from the same weights, which
+            replaces them with ``FINETUNE_DEFAULTS`` and adds the control to the default variants, ...).
     """
     started_ray = connect_ray(ray) if ray else False  # before any work: Ray missing or a silent address
     try:
@@ -126,12 +130,13 @@ def ablate(
 def _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_threads, quiet, ray, cpus_per_run,
             gpus_per_run, keep_weights_on_worker, train_overrides) -> list[dict]:  # fmt: skip
     out = Path(out).resolve()
-    vs = [resolve_variant(v, family, scale) for v in (variants or default_variants(family))]
+    finetune = bool(pretrained_arg(train_overrides.get("pretrained")))
+    vs = [resolve_variant(v, family, scale) for v in (variants or default_variants(family, control=finetune))]
     names = [v.name for v in vs]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got {names}")
     data_spec, data = data, resolve_data(data)
-    train_args = {**TRAIN_DEFAULTS, **train_overrides}
+    train_args = {**protocol_defaults(finetune), **train_overrides}
     train_args["pretrained"] = pretrained_arg(train_args.get("pretrained")) or False
     train_args.setdefault("nbs", train_args["batch"])  # one optimizer step per batch (see TRAIN_DEFAULTS)
     pretrained = train_args["pretrained"] or None
@@ -200,11 +205,14 @@ Train the baseline and module variants with identical settings and seeds; write 
 
 Variants (positional; the first is the baseline): 'baseline' (-> <family><scale>.yaml), the slug of a shipped
 model YAML, any model YAML path, or an Ultralytics built-in such as yolo11n.yaml. Default: the baseline and every
-shipped YAML of the family. Shipped slugs per --family:
+shipped YAML of the family (the control only when fine-tuning). Shipped slugs per --family:
 {slugs}
 
 Protocol: from scratch by default; --pretrained WEIGHTS (or pretrained=WEIGHTS) fine-tunes the baseline and every
-variant from the same weights, each plug-in layer starting from the stock layer it replaces.
+variant from the same weights, each plug-in layer starting from the stock layer it replaces (converted, or
+calibrated to it), with settings that keep the start ({finetune}), and adds the control variant (a plug-in that
+computes exactly the stock layer) to the defaults. Fine-tuned with several seeds, each variant is compared with the
+baseline seed by seed, and with the control.
 
 Outputs in --out: results.csv (one row per run), results.md (per variant: mean ± std over seeds, which variants
 differ from the baseline by more than their seed spread, and whether each best.pt reproduces its in-training
@@ -226,6 +234,11 @@ Examples:
 """
 
 
+def _changed(settings: dict, reference: dict) -> str:
+    """``k=v`` for each setting that differs from ``reference``."""
+    return " ".join(f"{k}={v}" for k, v in settings.items() if reference.get(k) != v)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``convplug ablate`` / ``scripts/ablate.py``: parse the command line, run :func:`ablate`; 0 when every run
     finished, 1 when some failed, 2 for bad arguments."""
@@ -234,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="convplug ablate",
         description=HELP.format(slugs=shipped, n=n, low_run=RUN_MINUTES[0], high_run=RUN_MINUTES[1],
+                                finetune=_changed(FINETUNE_DEFAULTS, TRAIN_DEFAULTS),
                                 low=round(n * RUN_MINUTES[0]), high=round(n * RUN_MINUTES[1])),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -242,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         metavar="VARIANT | key=value",
         help="variants and Ultralytics train arguments; defaults: "
-        + " ".join(f"{k}={v}" for k, v in TRAIN_DEFAULTS.items()),
+        + " ".join(f"{k}={v}" for k, v in TRAIN_DEFAULTS.items())
+        + "; fine-tuning: "
+        + _changed(FINETUNE_DEFAULTS, TRAIN_DEFAULTS),
     )
     p.add_argument(
         "--data", default=DEFAULT_DATA, help="'shapes' (default), a data YAML, or 'coco128' for COCO128 resolution"

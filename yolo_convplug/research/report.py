@@ -2,10 +2,15 @@
 console summary.
 
 Per variant it gives the mean ± sample std over seeds of every metric and the ratio of its mAP50-95 to the
-baseline's (the first variant). With several seeds, a variant is *beyond spread* when
-``|mean_v - mean_b| > std_v + std_b`` for mAP50-95 (v the variant, b the baseline): its difference from the baseline
-is larger than the seed-to-seed spread of either. With one seed the report says that differences below the seed
-spread of the protocol are not evidence, and gives that spread where it was measured.
+baseline's (the first variant). With several seeds, from scratch, a variant is *beyond spread* when ``|mean_v -
+mean_b| > std_v + std_b`` for mAP50-95 (v the variant, b the baseline): its difference from the baseline is larger
+than the seed-to-seed spread of either. Fine-tuned, a seed gives every variant the same data order and the same
+start of the shared layers, so the comparison is paired: ``d_k = mAP_v(seed k) - mAP_b(seed k)``, beyond spread when
+``|mean(d)| > std(d)``, and, when the table holds the control (the ``control`` variant: a plug-in that computes
+exactly the stock layer through the same warm-start path), *beyond control* when ``|mean(d)| - std(d) > |mean(d_c)|
++ std(d_c)``: the two bands do not overlap, so the difference is larger than the protocol's own bias. With one seed
+the report says that differences below the seed spread of the protocol are not evidence, and gives that spread where
+it was measured.
 
 The checkpoint check compares each run's final validation of ``best.pt`` with the validation of the same epoch
 during training (the row of that epoch in Ultralytics' ``results.csv``); a relative gap above ``GUARD_REL`` means the
@@ -22,7 +27,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .variants import short_label
+from .variants import CONTROL, short_label
 
 METRICS = ("params", "gflops", "latency_cpu_ms", "latency_gpu_ms", "train_s", "mAP50", "mAP50-95", "mAP50-95_train")
 CSV_FIELDS = ("variant", "model", "seed", "best_epoch", *METRICS, "transferred")
@@ -88,6 +93,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         known = [g for g in gaps if not math.isnan(g[0])]
         s["gap"] = max((g[0] for g in known), key=abs) if known else math.nan
         s["gap_flag"] = any(flag for _, flag in gaps)
+        s["per_seed"] = {int(r["seed"]): _value(r, "mAP50-95") for r in rs}
         out.append(s)
     return out
 
@@ -98,6 +104,48 @@ def beyond_spread(s: dict, base: dict) -> bool | None:
         return None
     (mv, sv), (mb, sb) = s["mAP50-95"], base["mAP50-95"]
     return abs(mv - mb) > sv + sb
+
+
+def paired_difference(s: dict, base: dict) -> tuple[float, float] | None:
+    """(mean, sample std) over the seeds both ran of ``mAP50-95(variant, seed) - mAP50-95(baseline, seed)``; None
+    with fewer than two common seeds."""
+    common = sorted(set(s["per_seed"]) & set(base["per_seed"]))
+    if len(common) < 2:
+        return None
+    d = [s["per_seed"][k] - base["per_seed"][k] for k in common]
+    return statistics.fmean(d), statistics.stdev(d)
+
+
+def control_of(summary: list[dict]) -> dict | None:
+    """The control variant of the table (short label ``control``), if any."""
+    base = summary[0]["variant"]
+    return next((s for s in summary[1:] if short_label(s["variant"], base) == CONTROL), None)
+
+
+def comparison(s: dict, summary: list[dict], protocol: Protocol) -> dict:
+    """How variant ``s`` compares with the baseline: ``diff`` (the paired difference's mean ± std, fine-tuned),
+    ``spread`` (beyond spread, see the module docstring) and ``control`` (beyond control); None where it does not
+    apply (the baseline, one seed, no control in the table)."""
+    base, control = summary[0], control_of(summary)
+    if s is base:
+        return {"diff": None, "spread": None, "control": None}
+    if not protocol.pretrained:
+        return {"diff": None, "spread": beyond_spread(s, base), "control": None}
+    d = paired_difference(s, base)
+    dc = paired_difference(control, base) if control is not None and control is not s else None
+    return {
+        "diff": d,
+        "spread": None if d is None else abs(d[0]) > d[1],
+        "control": None if d is None or dc is None else abs(d[0]) - d[1] > abs(dc[0]) + dc[1],
+    }
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _diff(d: tuple[float, float] | None) -> str:
+    return "-" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}"
 
 
 def _fmt(mean_std: tuple[float, float], digits: int, n: int) -> str:
@@ -126,7 +174,21 @@ def notes(summary: list[dict], protocol: Protocol) -> list[str]:
             f"{protocol.data} validates on its training images: these numbers measure how well each model fits "
             "those images, not how it generalises to new ones."
         )
-    if any(s["n"] > 1 for s in summary):
+    if any(s["n"] > 1 for s in summary) and protocol.pretrained:
+        out.append(
+            "Paired: per seed, the variant's mAP50-95 minus the baseline's with the same seed (the same data order "
+            "and start of the shared layers); beyond spread: |mean| > std of those differences."
+        )
+        control = control_of(summary)
+        out.append(
+            f"Beyond control: |mean| - std of the paired differences > |mean| + std of the control's; "
+            f"{control['variant']} "
+            "goes through the same warm start but computes exactly the stock layer, so its difference is the "
+            "protocol's own bias. A difference is evidence only where both say yes."
+            if control is not None
+            else "No control in this table (add the 'control' variant): the protocol's own bias is not measured."
+        )
+    elif any(s["n"] > 1 for s in summary):
         out.append(
             "Beyond spread: |mean - baseline mean| > std + baseline std of mAP50-95 over seeds; a difference "
             "inside that band is not evidence."
@@ -169,10 +231,10 @@ def markdown(
 ) -> str:  # fmt: skip
     """``results.md``: the per-variant table, the notes and, when fine-tuned, what each run's warm start loaded."""
     base = summary[0]
-    spread_col = any(s["n"] > 1 for s in summary)
+    cols = _comparison_columns(summary, protocol)
     head = [
         "variant", "runs", "params (M)", "GFLOPs", "CPU latency (ms)", "GPU latency (ms)", "train time (s)", "mAP50",
-        "mAP50-95", "mAP50-95 vs baseline", *(["beyond spread"] if spread_col else []), "best.pt vs in-training",
+        "mAP50-95", "mAP50-95 vs baseline", *cols, "best.pt vs in-training",
     ]  # fmt: skip
     lines = [f"# Ablation: {protocol.title()}", "", "| " + " | ".join(head) + " |"]
     lines.append("|---|" + "---:|" * (len(head) - 1))
@@ -183,9 +245,7 @@ def markdown(
             _fmt(s["latency_cpu_ms"], 2, n), _fmt(s["latency_gpu_ms"], 2, n), _fmt(s["train_s"], 0, n),
             _fmt(s["mAP50"], 3, n), _fmt(s["mAP50-95"], 3, n), _ratio(s, base),
         ]  # fmt: skip
-        if spread_col:
-            b = beyond_spread(s, base)
-            cells.append("-" if s is base or b is None else ("yes" if b else "no"))
+        cells += _comparison_cells(s, summary, protocol, cols)
         cells.append(_gap(s))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *notes(summary, protocol)]
@@ -204,21 +264,37 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def _comparison_columns(summary: list[dict], protocol: Protocol) -> list[str]:
+    """The comparison columns of the tables: none with one seed; beyond spread; fine-tuned, the paired difference
+    first and beyond control when the table holds the control."""
+    if not any(s["n"] > 1 for s in summary):
+        return []
+    if not protocol.pretrained:
+        return ["beyond spread"]
+    return ["paired diff", "beyond spread", *(["beyond control"] if control_of(summary) else [])]
+
+
+def _comparison_cells(s: dict, summary: list[dict], protocol: Protocol, cols: list[str]) -> list[str]:
+    c = comparison(s, summary, protocol)
+    cell = {"paired diff": _diff(c["diff"]), "beyond spread": _yes_no(c["spread"]),
+            "beyond control": _yes_no(c["control"])}  # fmt: skip
+    return [cell[k] for k in cols]
+
+
 def console_summary(summary: list[dict], protocol: Protocol) -> str:
     """A compact table of mAP50-95 per variant and the notes, for the end of an ablation."""
     base = summary[0]
-    spread_col = any(s["n"] > 1 for s in summary)
+    cols = _comparison_columns(summary, protocol)
     width = max(len(s["variant"]) for s in summary) + 2
+    widths = {"paired diff": 17, "beyond spread": 15, "beyond control": 16}
     lines = [
         f"{'variant':<{width}}{'mAP50-95':<16}{'vs baseline':<13}"
-        + ("beyond spread  " if spread_col else "")
+        + "".join(f"{k:<{widths[k]}}" for k in cols)
         + "best.pt vs in-training"
     ]
     for s in summary:
         line = f"{s['variant']:<{width}}{_fmt(s['mAP50-95'], 3, s['n']):<16}{_ratio(s, base):<13}"
-        if spread_col:
-            b = beyond_spread(s, base)
-            line += f"{'-' if s is base or b is None else ('yes' if b else 'no'):<15}"
+        line += "".join(f"{c:<{widths[k]}}" for k, c in zip(cols, _comparison_cells(s, summary, protocol, cols)))
         lines.append(line + _gap(s))
     return "\n".join(lines + ["", *notes(summary, protocol)])
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..resolve import CFG_MODELS
 
 DEFAULT_FAMILY = "yolov8"
+CONTROL = "control"  # the slug of the control variant (yolov8-control.yaml: ConvControl, an exact stock Conv)
 SCALES = "nsmlx"
 _SCALED = re.compile(rf"(?P<family>.+?)(?P<scale>[{SCALES}])-(?P<slug>.+)\.ya?ml")
 
@@ -45,14 +46,16 @@ def slugs(family: str = DEFAULT_FAMILY) -> list[str]:
     return sorted(p.stem[len(family) + 1 :] for p in CFG_MODELS.glob(f"{family}-*.yaml"))
 
 
-def default_variants(family: str = DEFAULT_FAMILY) -> list[str]:
-    """``baseline`` followed by every shipped slug of ``family``."""
+def default_variants(family: str = DEFAULT_FAMILY, control: bool = False) -> list[str]:
+    """``baseline`` followed by every shipped slug of ``family``; the ``control`` slug (a plug-in that computes the
+    stock layer) only with ``control=True``: it measures the fine-tuning protocol's own bias, and from scratch it
+    would train the baseline again."""
     found = slugs(family)
     if not found:
         raise ValueError(
             f"family={family!r} has no model YAMLs in {CFG_MODELS}; families with variants: {', '.join(families())}"
         )
-    return ["baseline", *found]
+    return ["baseline", *(s for s in found if control or s != CONTROL)]
 
 
 def _ours(family: str, scale: str, slug: str) -> Variant:
