@@ -11,6 +11,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
@@ -52,15 +53,34 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def random_stock_conv(c1: int, c2: int, k: int, s: int, g: int = 1, d: int = 1, seed: int = 2) -> nn.Module:
-    """An Ultralytics ``Conv`` in eval mode with non-trivial BN (``randomize_``) and a kernel of non-zero mean, as a
-    trained stock layer to convert from."""
+def random_stock_conv(c1: int, c2: int, k: int = 3, s: int = 1, g: int = 1, d: int = 1, seed: int = 2,
+                      p: int | None = None) -> nn.Module:
+    """An Ultralytics ``Conv(c1, c2, k, s, p, g, d)`` in eval mode with non-trivial BN (``randomize_``) and a kernel
+    of non-zero mean, as a trained stock layer to convert from."""
     from ultralytics.nn.modules import Conv
 
-    stock = randomize_(Conv(c1, c2, k, s, g=g, d=d), seed=seed).eval()
+    stock = randomize_(Conv(c1, c2, k, s, p, g, d), seed=seed).eval()
     with torch.no_grad():
-        stock.conv.weight.normal_(0.02, 0.1)
+        stock.conv.weight.normal_(0.02, 0.1, generator=torch.Generator().manual_seed(seed))
     return stock
+
+
+def stock_conv_reference(stock: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An eval-mode stock ``Conv`` written out: zero-padded strided (dilated, grouped) convolution, BN on its running
+    statistics, SiLU."""
+    c, bn = stock.conv, stock.bn
+    z = F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+    return F.silu(F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def assert_converts_exactly(m: nn.Module, stock: nn.Module, x: torch.Tensor) -> None:
+    """``m.convert_from(stock)`` reports an exact conversion, and ``m`` in eval then gives the written-out stock
+    layer's output shape and values within the class's ``conversion_error``."""
+    assert m.convert_from(stock).startswith("exact")
+    with torch.no_grad():
+        y, ref = m.eval()(x), stock_conv_reference(stock, x)
+    assert y.shape == ref.shape
+    assert norm_rel_err(y, ref) < type(m).conversion_error
 
 
 def onnx_outputs(module: torch.nn.Module, example: torch.Tensor, batches=(1, 3), opset: int = 17):

@@ -1,6 +1,7 @@
 """AKConv's math: the paper's initial sampled shape, a naive bilinear-sampling loop written in the test for learned
 offsets and any number of points, and the plain conv it equals with k*k points and zero offsets (exact warm start).
-Generic checks (shapes, ONNX, trace, autocast, fuse, ...) are in test_contract.py."""
+Generic checks (shapes, ONNX, trace, autocast, fuse, ...) are in test_contract.py, bad arguments in
+test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import norm_rel_err, random_stock_conv, randomize_, rel_err
+from module_checks import assert_converts_exactly, random_stock_conv, randomize_, rel_err
 from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules.akconv import AKConv, initial_shape
@@ -71,24 +72,12 @@ def test_equals_naive_bilinear_sampling(c1, c2, k, s, g, num_param):
     assert rel_err(y, ref) < 1e-5
 
 
-def plain_conv_reference(stock: Conv, x: torch.Tensor) -> torch.Tensor:
-    c, bn = stock.conv, stock.bn
-    z = F.conv2d(x, c.weight, None, c.stride, c.padding, 1, c.groups)
-    return F.silu(F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
-
-
 @pytest.mark.parametrize(("c1", "c2", "k", "s", "g"), [(8, 16, 3, 1, 1), (8, 16, 3, 2, 1), (8, 8, 5, 2, 4),
                                                        (8, 16, 1, 2, 1)])
 @pytest.mark.parametrize("hw", [(1, 1), (7, 9), (8, 12)])
 def test_k_squared_points_with_zero_offsets_equal_the_plain_conv(c1, c2, k, s, g, hw):
-    stock = random_stock_conv(c1, c2, k, s, g=g)
     m = randomize_(AKConv(c1, c2, k, s, g=g), seed=4)
-    assert m.convert_from(stock).startswith("exact")
-    x = torch.randn(3, c1, *hw)
-    with torch.no_grad():
-        y, ref = m.eval()(x), plain_conv_reference(stock, x)
-    assert y.shape == ref.shape
-    assert norm_rel_err(y, ref) < AKConv.conversion_error
+    assert_converts_exactly(m, random_stock_conv(c1, c2, k, s, g=g), torch.randn(3, c1, *hw))
 
 
 def test_other_numbers_of_points_have_no_conversion():
@@ -102,10 +91,3 @@ def test_offsets_learn():
     y = m(torch.randn(2, 4, 6, 6))
     (y * torch.randn_like(y)).sum().backward()
     assert m.offset.weight.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize(("kwargs", "argument"), [(dict(num_param=0), "num_param"), (dict(num_param=2.0), "num_param"),
-                                                  (dict(k=2), "k"), (dict(d=2), "d"), (dict(p=0), "p")])
-def test_bad_arguments_name_the_fix(kwargs, argument):
-    with pytest.raises(ValueError, match=rf"AKConv: {argument}="):
-        AKConv(8, 16, **{"k": 3, **kwargs})

@@ -198,8 +198,8 @@ def test_torchscript_trace_parity(case: Case, fused: bool):
 
 @cases
 def test_bf16_autocast_forward_and_backward(case: Case):
-    """Under CPU bf16 autocast (amp on bf16 hardware) outputs are finite and close in train and eval, and a
-    training backward gives every parameter a finite gradient."""
+    """Under CPU bf16 autocast (amp on bf16 hardware) outputs are finite and close in train and eval (on average
+    and at their largest), and a training backward gives every parameter a finite gradient."""
     m = randomize_(case.build())
     x = case.input()
     for mode in (True, False):
@@ -210,6 +210,7 @@ def test_bf16_autocast_forward_and_backward(case: Case):
                 y = model(x)
         assert y.shape == ref.shape and torch.isfinite(y).all(), mode
         assert mean_rel_err(y, ref) < 0.05, mode  # bf16 keeps 8 bits of mantissa
+        assert rel_err(y.float(), ref) < (0.1 if mode else 0.05), mode  # and no output far off (train: BN in bf16)
     m.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)

@@ -1,8 +1,8 @@
 """DiverseBranchBlock against the sum of its four branches written here, its fused form (a plain Conv), the learning
-of the branches a warm start zeroes, a trained-then-fused yolov8n-dbb model, and its own argument limits.
+of the branches a warm start zeroes and a trained-then-fused yolov8n-dbb model.
 
 The generic contract (shapes, gradients, fuse within 1e-5, ONNX, tracing, bf16, fp16, warm start within
-``conversion_error``) lives in test_contract.py.
+``conversion_error``) lives in test_contract.py, its argument limits in test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -119,13 +119,3 @@ def test_trained_then_fused_model_equals_the_unfused_model():
     assert len(blocks) == 5 and all(set(b.state_dict()) == {"conv.weight", "conv.bias"} for b in blocks)
     assert len(fused) == len(unfused) > 1 and all(torch.isfinite(t).all() for t in unfused)
     assert max(rel_err(a, b) for a, b in zip(fused, unfused)) < 1e-4
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [(dict(k=2), r"k=2 is not valid; use an odd"), (dict(p=0), r"p=0 is not valid; leave p=None"),
-     (dict(g=2), r"g=2 is not valid; use g=1"), (dict(d=2), r"d=2 is not valid; use d=1")],
-)
-def test_refuses_what_the_branches_cannot_align(kwargs, match):
-    with pytest.raises(ValueError, match=rf"DiverseBranchBlock: {match}"):
-        DiverseBranchBlock(8, 8, **{"k": 3, **kwargs})

@@ -2,7 +2,8 @@
 offsets from their zero start, the guard against NaN offsets and its FLOP rule.
 
 The generic contract (shapes, gradients, fuse, ONNX DeformConv at opset 19, tracing, bf16, fp16, bad channel counts,
-warm start within ``conversion_error``) lives in test_contract.py.
+warm start within ``conversion_error``) lives in test_contract.py, deformable_groups that do not divide c1 in
+test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -124,13 +125,6 @@ def test_hands_torchvision_finite_offsets_only(monkeypatch):
     y.sum().backward()
     assert seen == [True]
     assert y[0].isnan().any() and torch.isfinite(y[1]).all()
-
-
-def test_deformable_groups_must_divide_c1():
-    with pytest.raises(ValueError, match=r"DCNv2: deformable_groups=3 is not valid; it must divide c1=16"):
-        DCNv2(16, 16, 3, deformable_groups=3)
-    with pytest.raises(ValueError, match=r"DCNv2: deformable_groups=0 is not valid"):
-        DCNv2(16, 16, 3, deformable_groups=0)
 
 
 def test_thop_rule_counts_the_convolution_and_the_modulated_sampling():

@@ -5,8 +5,8 @@ Every registered module is checked on its own (fuse, ONNX, TorchScript, autocast
 Models are built at scale n and imgsz 64; their BatchNorms get random statistics and affine parameters, the class
 logits a spread around 0 and zero-initialised parameters (SAConv2d's context convs and switch, ...) small random
 values, so folding BN and the module-specific paths see values a trained checkpoint would have, not identities.
-Outputs are compared as ``max|a - b| / max|a|`` separately for the decoded boxes and the class scores of the
-inference output ``y[0]`` (shape ``(B, 4 + nc, anchors)``).
+Outputs are compared as ``max|a - b| / max|a|`` (``module_checks.rel_err``) separately for the decoded boxes and the
+class scores of the inference output ``y[0]`` (shape ``(B, 4 + nc, anchors)``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import MODEL_YAMLS, family, run_cli, scaled, train_feats
-from module_checks import randomize_
+from module_checks import randomize_, rel_err
 from ultralytics import YOLO
 from ultralytics.nn.modules import Detect
 from ultralytics.nn.tasks import DetectionModel
@@ -59,14 +59,12 @@ def randomize_model_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
-    """Relative max error of the boxes (rows 0-3) and the class scores (rows 4-) of ``(B, 4 + nc, A)`` outputs."""
+def part_errors(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    """``module_checks.rel_err`` of the boxes (rows 0-3) and of the class scores (rows 4-) of ``(B, 4 + nc, A)``
+    outputs, relative to the reference."""
     ref, out = torch.as_tensor(ref).float(), torch.as_tensor(out).float()
     assert ref.shape == out.shape, (ref.shape, out.shape)
-    return {
-        part: ((r - o).abs().max() / r.abs().max().clamp_min(1e-12)).item()
-        for part, r, o in (("boxes", ref[:, :4], out[:, :4]), ("scores", ref[:, 4:], out[:, 4:]))
-    }
+    return {"boxes": rel_err(out[:, :4], ref[:, :4]), "scores": rel_err(out[:, 4:], ref[:, 4:])}
 
 
 def plugin_bn_counts(model: DetectionModel) -> dict[str, int]:
@@ -108,7 +106,7 @@ def test_fuse_is_exact_idempotent_and_folds_our_bn(path):
         before = model(x)[0]
         model.fuse(verbose=False)
         after = model(x)[0]
-    errors = rel_err(before, after)
+    errors = part_errors(before, after)
     assert max(errors.values()) < 1e-5, errors
     bn_after = plugin_bn_counts(model)
     for name, n in bn_before.items():
@@ -123,7 +121,7 @@ def test_fuse_is_exact_idempotent_and_folds_our_bn(path):
         single = model(x1)[0]
     assert torch.equal(twice, after), "a second fuse() changed the output"
     assert torch.equal(copied, after), "a deep copy of the fused model computes something else"
-    assert max(rel_err(after[:1], single).values()) < 1e-5, "an image's output depends on the other images"
+    assert max(part_errors(after[:1], single).values()) < 1e-5, "an image's output depends on the other images"
     assert torch.equal(x[:1], x1), "forward mutated its input"
 
 
@@ -170,7 +168,7 @@ def test_onnx_export_matches_pytorch_at_dynamic_batch(path, tmp_path, monkeypatc
         with torch.no_grad():
             ref = reference(x)[0]
         out = session.run(None, {name: x.numpy()})[0]
-        errors = rel_err(ref, out)
+        errors = part_errors(ref, out)
         assert max(errors.values()) < 1e-4, (tuple(x.shape), errors)
 
 
@@ -180,7 +178,7 @@ def test_torchscript_export_loads_and_matches(path, tmp_path, monkeypatch):
     scripted = torch.jit.load(str(f))
     (x,) = inputs(1)
     with torch.no_grad():
-        errors = rel_err(reference(x)[0], scripted(x))
+        errors = part_errors(reference(x)[0], scripted(x))
     assert max(errors.values()) < 1e-4, errors
 
 
@@ -197,12 +195,12 @@ def test_channels_last_predict_then_export(path, tmp_path, monkeypatch):
         ref = yolo.model(x)[0]
         nhwc = copy.deepcopy(yolo.model).to(memory_format=torch.channels_last)
         out = nhwc(x.contiguous(memory_format=torch.channels_last))[0]
-    assert max(rel_err(ref, out).values()) < 1e-5
+    assert max(part_errors(ref, out).values()) < 1e-5
     results = yolo.predict(np.zeros((IMGSZ, IMGSZ, 3), np.uint8), imgsz=IMGSZ, device="cpu")  # 8.4 on x86: NHWC
     assert len(results) == 1
     f = yolo.export(format="torchscript", imgsz=IMGSZ, device="cpu")
     with torch.no_grad():
-        errors = rel_err(ref[:1], torch.jit.load(str(f))(x[:1]))
+        errors = part_errors(ref[:1], torch.jit.load(str(f))(x[:1]))
     assert max(errors.values()) < 1e-4, errors
 
 
@@ -224,7 +222,7 @@ def test_cli_export_of_a_checkpoint(path, tmp_path):
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     for x in inputs(1, 3):
         with torch.no_grad():
-            errors = rel_err(reference(x)[0], session.run(None, {"images": x.numpy()})[0])
+            errors = part_errors(reference(x)[0], session.run(None, {"images": x.numpy()})[0])
         assert max(errors.values()) < 1e-4, (tuple(x.shape), errors)
 
 
@@ -241,7 +239,7 @@ def test_bf16_autocast_forward_train_and_eval(path):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)[0]
     assert torch.isfinite(out).all()
-    errors = rel_err(ref, out)
+    errors = part_errors(ref, out)
     assert max(errors.values()) < 0.1, errors  # bf16 keeps 8 bits of mantissa: loose, but catches garbage
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,6 +1,6 @@
 """DSConv2d: block quantisation against the naive reference, the kernel the conv uses, STE and shift training modes,
-eval cache, fuse, size, warm start from a stock Conv, DSConv-specific arguments. Generic checks (shape, gradients,
-ONNX, trace, autocast, generic bad arguments) live in test_contract.py."""
+eval cache, fuse, size, warm start from a stock Conv, the YAML's positional arguments. Generic checks (shape, gradients,
+ONNX, trace, autocast) live in test_contract.py, bad constructor arguments in test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from module_checks import onnx_outputs, rel_err
+from module_checks import onnx_outputs, random_stock_conv, randomize_, rel_err
 from ref_dsconv import DSConvNaive, quantize_blocks
-from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules._utils import fuse_convs
 from yolo_convplug.modules.dsconv import MODES, DSConv2d
@@ -23,18 +22,12 @@ from yolo_convplug.registry import ConversionError
 
 
 def trained_like(m, seed=0):
-    """``m`` with random BN statistics and (when present) random KDS bias / CDS."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        m.bn.weight.uniform_(0.5, 1.5, generator=g)
-        m.bn.bias.normal_(0, 0.1, generator=g)
-        m.bn.running_mean.normal_(0, 0.5, generator=g)
-        m.bn.running_var.uniform_(0.5, 2.0, generator=g)
-        for p in (m.kds_bias, m.cds_bias):
-            if p is not None:
-                p.normal_(0, 0.01, generator=g)
-        if m.cds_weight is not None:
-            m.cds_weight.uniform_(0.5, 1.5, generator=g)
+    """``m`` with random BN statistics and affine and (when present) random KDS bias and CDS bias
+    (``module_checks.randomize_``: they start at zero) and a random CDS scale."""
+    randomize_(m, seed)
+    if m.cds_weight is not None:
+        with torch.no_grad():
+            m.cds_weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
     return m
 
 
@@ -231,25 +224,6 @@ def test_fuse_is_exact_and_keeps_the_integer_kernel(kwargs):
     assert all(torch.equal(a, b) for a, b in zip(before, m.integer_kernel()))  # still the pre-fuse quantisation
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(bits=1), "bits=1"),
-        (dict(bits=9), "bits=9"),
-        (dict(bits=4.0), "bits=4.0"),
-        (dict(bits=True), "bits=True"),
-        (dict(block_size=0), "block_size=0"),
-        (dict(block_size=-4), "block_size=-4"),
-        (dict(block_size="32"), "block_size='32'"),
-        (dict(mode="frozen"), "mode='frozen'"),
-    ],
-)
-def test_bad_arguments_raise_value_error(kwargs, match):
-    args = {"c1": 16, "c2": 16, "k": 3, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        DSConv2d(**args)
-
-
 def test_yaml_style_positional_call():
     """YAML rows pass arguments positionally: bits and block_size after act, mode after kds_bias and cds."""
     m = DSConv2d(32, 64, 3, 2, None, 1, 1, True, 2, 16)
@@ -345,18 +319,6 @@ def test_shift_mode_onnx_parity():
         assert rel_err(y, expected) < 1e-4
 
 
-def stock_conv(c1=24, c2=32, k=3, s=2, seed=0, **kwargs):
-    """An Ultralytics Conv with a random kernel and non-trivial BN affine and statistics, in eval."""
-    torch.manual_seed(seed)
-    conv = Conv(c1, c2, k, s, **kwargs)
-    with torch.no_grad():
-        conv.bn.weight.uniform_(0.5, 1.5)
-        conv.bn.bias.normal_(0, 0.2)
-        conv.bn.running_mean.normal_(0, 0.5)
-        conv.bn.running_var.uniform_(0.5, 2.0)
-    return conv.eval()
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_convert_from_stock_conv(mode, bits):
@@ -364,7 +326,7 @@ def test_convert_from_stock_conv(mode, bits):
     within the reported kernel error of the stock output. For white-noise input E|conv(x, D)|^2 / E|conv(x, W)|^2 =
     |D|^2 / |W|^2, so the conv's relative error is about the kernel's (1.5x slack); BN scales each channel by at most
     max|gamma / sigma| and SiLU's slope is at most 1.1."""
-    stock = stock_conv()
+    stock = random_stock_conv(24, 32, 3, 2)
     m = trained_like(DSConv2d(24, 32, 3, 2, bits=bits, kds_bias=True, cds=True, mode=mode), seed=3)
     message = m.convert_from(stock)
     match = re.fullmatch(rf"{bits}-bit, kernel error (\d\.\d{{3}})", message)
@@ -392,12 +354,12 @@ def test_convert_from_stock_conv(mode, bits):
 @pytest.mark.parametrize(
     "stock,match",
     [
-        (lambda: stock_conv(k=5), r"k=\(5, 5\) vs \(3, 3\)"),
-        (lambda: stock_conv(c1=16), "c1=16 vs 24"),
-        (lambda: stock_conv(s=1), r"s=\(1, 1\) vs \(2, 2\)"),
-        (lambda: stock_conv(p=0), r"p=\(0, 0\) vs \(1, 1\)"),
-        (lambda: stock_conv(p=1, d=2), r"d=\(2, 2\) vs \(1, 1\)"),
-        (lambda: fuse_convs(stock_conv()), "fused"),
+        (lambda: random_stock_conv(24, 32, 5, 2), r"k=\(5, 5\) vs \(3, 3\)"),
+        (lambda: random_stock_conv(16, 32, 3, 2), "c1=16 vs 24"),
+        (lambda: random_stock_conv(24, 32, 3, 1), r"s=\(1, 1\) vs \(2, 2\)"),
+        (lambda: random_stock_conv(24, 32, 3, 2, p=0), r"p=\(0, 0\) vs \(1, 1\)"),
+        (lambda: random_stock_conv(24, 32, 3, 2, p=1, d=2), r"d=\(2, 2\) vs \(1, 1\)"),
+        (lambda: fuse_convs(random_stock_conv(24, 32, 3, 2)), "fused"),
     ],
 )
 def test_convert_from_mismatch_raises(stock, match):

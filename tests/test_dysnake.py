@@ -1,7 +1,7 @@
 """DySnakeConv's math: the snake coordinates (offsets accumulated from the kernel's centre along x and along y,
 scaled by the extension scope, clamped to the map) and their bilinear sampling in a naive loop written in the test,
 the fork's fusion, and the partial warm start. Generic checks (shapes, ONNX, trace, autocast, fuse, ...) are in
-test_contract.py."""
+test_contract.py, bad arguments in test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -89,11 +89,3 @@ def test_partial_conversion_is_the_stock_conv_through_the_activation():
     x = torch.randn(2, 8, 9, 11)
     with torch.no_grad():
         assert norm_rel_err(m.eval()(x), F.silu(stock(x))) < 1e-6
-
-
-@pytest.mark.parametrize(("kwargs", "argument"), [(dict(k=4), "k"), (dict(c2=9), "c2"), (dict(c2=3), "c2"),
-                                                  (dict(extend_scope=0), "extend_scope"), (dict(g=2), "g"),
-                                                  (dict(d=2), "d")])
-def test_bad_arguments_name_the_fix(kwargs, argument):
-    with pytest.raises(ValueError, match=rf"DySnakeConv: {argument}="):
-        DySnakeConv(**{"c1": 8, "c2": 16, **kwargs})

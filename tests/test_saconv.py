@@ -1,8 +1,8 @@
-"""SAConv2d's own math against the naive DetectoRS reference, its start at a Conv's scale, checkpoints old and new,
-warm start from a stock Conv, and the deformable variant (DetectoRS' published setting).
+"""SAConv2d's own math against the naive DetectoRS reference, its start as a Conv of its kernel, checkpoints old and
+new, warm start from a stock Conv, and the deformable variant (DetectoRS' published setting).
 
-The generic contract (shapes, gradients to every parameter, ONNX parity at the default opset, tracing, bf16, generic
-bad arguments) lives in test_contract.py.
+The generic contract (shapes, gradients to every parameter, fuse, ONNX parity at the default opset, tracing, bf16, BN
+input variance of a fresh module) lives in test_contract.py, bad constructor arguments in test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import ROOT
-from module_checks import bf16_forward, bf16_training_grads_finite, rel_err
+from module_checks import bf16_forward, bf16_training_grads_finite, random_stock_conv, randomize_, rel_err
 from ref_saconv import SAConvNaive, load_from_module, mmcv_pool
 from torchvision.ops import deform_conv2d
 from ultralytics.nn.modules import Conv
@@ -29,7 +29,9 @@ from yolo_convplug.registry import ConversionError
 
 
 def perturbed(m, seed=0):
-    """``m`` with every zero-initialised SAC tensor, gamma, beta and the BN statistics randomised (trained-looking)."""
+    """``m`` with BN statistics and affine randomised (``module_checks.randomize_``) and every zero-initialised SAC
+    tensor, gamma and beta too (trained-looking)."""
+    randomize_(m, seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         names = ["weight_diff", "pre_context.weight", "post_context.weight", "switch.weight"]
@@ -39,34 +41,7 @@ def perturbed(m, seed=0):
         m.switch.bias.fill_(0.3)
         m.weight_gamma.mul_(torch.empty_like(m.weight_gamma).uniform_(0.5, 1.5, generator=g))
         m.weight_beta.add_(torch.empty_like(m.weight_beta).normal_(0, 0.01, generator=g))
-        m.bn.weight.uniform_(0.5, 1.5, generator=g)
-        m.bn.bias.normal_(0, 0.1, generator=g)
-        m.bn.running_mean.normal_(0, 0.5, generator=g)
-        m.bn.running_var.uniform_(0.5, 2.0, generator=g)
     return m
-
-
-def random_stock_conv(c1, c2, k, s, d=1, seed=0):
-    """An Ultralytics Conv with non-trivial weights, BN parameters and statistics, in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    stock = Conv(c1, c2, k, s, d=d)
-    with torch.no_grad():
-        stock.conv.weight.normal_(0.02, 0.1, generator=g)
-        stock.bn.weight.uniform_(0.5, 1.5, generator=g)
-        stock.bn.bias.normal_(0, 0.2, generator=g)
-        stock.bn.running_mean.normal_(0, 0.5, generator=g)
-        stock.bn.running_var.uniform_(0.5, 2.0, generator=g)
-    return stock.eval()
-
-
-def bn_input_variance(m, x):
-    """Variance of what ``m.bn`` receives for the input ``x`` (train mode: batch statistics)."""
-    seen = []
-    hook = m.bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].var().item()))
-    with torch.no_grad():
-        m.train()(x)
-    hook.remove()
-    return seen[0]
 
 
 # --- the SAC math against the reference ------------------------------------------------------------------------
@@ -193,16 +168,7 @@ def test_fuse_is_exact_and_drops_bn(deform):
         assert m.fuse() is m  # idempotent
 
 
-# --- a fresh module starts at a Conv's scale ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("c1,c2,k,s", [(64, 128, 3, 2), (64, 64, 3, 1)])
-def test_fresh_bn_input_variance_is_a_fresh_convs(c1, c2, k, s):
-    """A fresh SAConv2d feeds BN what a fresh Conv does (within 10x), not a unit-variance kernel's output."""
-    torch.manual_seed(0)
-    x = torch.randn(4, c1, 24, 24)
-    ratio = bn_input_variance(SAConv2d(c1, c2, k, s), x) / bn_input_variance(Conv(c1, c2, k, s), x)
-    assert 0.1 < ratio < 10, ratio
+# --- a fresh module starts as the Conv of its kernel ------------------------------------------------------------
 
 
 def test_fresh_module_equals_one_converted_from_a_conv_with_its_kernel():
@@ -281,7 +247,7 @@ def test_module_pickled_before_deform_existed_runs():
 @pytest.mark.parametrize("c1,c2,k,s,d", [(16, 32, 3, 2, 1), (16, 16, 3, 1, 2), (8, 8, 5, 1, 1)])
 def test_convert_from_stock_conv_is_exact(c1, c2, k, s, d, deform):
     """Every tensor (and BN's eps/momentum) comes from the stock Conv: the stock output in eval within 1e-5."""
-    stock = random_stock_conv(c1, c2, k, s, d)
+    stock = random_stock_conv(c1, c2, k, s, d=d)
     stock.bn.eps, stock.bn.momentum = 1e-3, 0.03  # what Ultralytics' initialize_weights sets in a model
     m = perturbed(SAConv2d(c1, c2, k, s, d=d, deform=deform))  # trained-looking: everything must be overwritten
     assert isinstance(m.convert_from(stock), str)
@@ -473,24 +439,6 @@ def test_thop_rule_counts_the_deformable_sampling():
     offset_macs = macs(nn.Conv2d(8, 2 * 2 * 9, 3, 2, 1))
     sampling = 2 * 4 * (6 * 6) * 8 * 9
     assert macs(SAConv2d(8, 16, 3, 2, deform=True)) - macs(SAConv2d(8, 16, 3, 2)) == offset_macs + sampling
-
-
-# --- arguments --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(c1=16, c2=16, k=2), "k=2.*odd kernel"),
-        (dict(c1=16, c2=16, k=3, p=0), "p=0.*leave p=None"),
-        (dict(c1=16, c2=16, k=1), r"k=1 is not valid; a 1x1 kernel sees no dilation.*repeat.*use k=3.*stock Conv"),
-        (dict(c1=16, c2=16, k=3, deform=1), "deform=1.*True.*False"),
-        (dict(c1=16, c2=16, k=3, deform="yes"), "deform='yes'"),
-    ],
-)
-def test_saconv_specific_bad_arguments_raise_value_error(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        SAConv2d(**kwargs)
 
 
 def test_yaml_row_reaches_deform_positionally():

@@ -1,7 +1,8 @@
 """ScConv: the literal paper reference, shapes for odd channels and Conv options, every width-scaled channel count,
-gamma summing to zero, gate semantics, params/FLOPs below the plain conv, fuse as a no-op, GFLOPs with ScConv as
-layer 0, no warm start from Conv, older state dicts, ScConv-specific argument checks. Generic checks (shape, gradients,
-ONNX, trace, autocast) live in test_contract.py."""
+gamma summing to zero, gate semantics, params/FLOPs below the plain conv, GFLOPs with ScConv as layer 0, the refused
+kxk conv on one squeezed channel, no warm start from Conv, older state dicts. Generic checks (shape, gradients, fuse,
+ONNX, trace, autocast, input left untouched) live in test_contract.py, the BN that fuse keeps in test_deploy.py, bad
+constructor arguments in test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from module_checks import randomize_
 from ref_scconv import ScConvRef
 from torch.utils.flop_counter import FlopCounterMode
 from ultralytics.nn.modules.conv import Conv
@@ -32,13 +34,14 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def randomize(m: ScConv) -> None:
-    """Positive GN gammas (where |gamma|/sum|gamma| is the paper's gamma/sum(gamma)), non-trivial BN."""
+def randomize(m: ScConv) -> ScConv:
+    """``module_checks.randomize_`` (BN) and positive GN gammas, where |gamma|/sum|gamma| is the paper's
+    gamma/sum(gamma)."""
+    randomize_(m)
     with torch.no_grad():
         m.gn.weight.uniform_(0.5, 1.5)
         m.gn.bias.uniform_(-0.5, 0.5)
-        m.bn.running_mean.uniform_(-1, 1)
-        m.bn.running_var.uniform_(0.5, 2)
+    return m
 
 
 @pytest.mark.parametrize("c1, c2", [(7, 16), (7, 7), (9, 11), (9, 9), (15, 7)])
@@ -148,48 +151,6 @@ def test_gate_threshold_semantics():
         assert torch.cat(m.sru(x), 1).abs().max() < 1e-20
 
 
-def test_input_is_not_mutated():
-    m = ScConv(8, 8).eval()
-    x = torch.randn(2, 8, 6, 6)
-    before = x.clone()
-    m(x)
-    assert torch.equal(x, before)
-
-
-def test_fuse_is_exact_and_keeps_bn():
-    torch.manual_seed(0)
-    m = ScConv(16, 32, 3, 2)
-    randomize(m)
-    m.eval()
-    x = torch.randn(2, 16, 10, 10)
-    before = m(x)
-    assert m.fuse() is m and hasattr(m, "bn")
-    torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"g": 2}, "g"),
-        ({"alpha": 0}, "alpha"),
-        ({"alpha": 1.0}, "alpha"),
-        ({"alpha": "0.5"}, "alpha"),
-        ({"squeeze": 0}, "squeeze"),
-        ({"group_size": 0}, "group_size"),
-        ({"gate_threshold": 0.0}, "gate_threshold"),
-        ({"gate_threshold": 1.5}, "gate_threshold"),
-        ({"gn_groups": 3}, "gn_groups"),
-        ({"gn_groups": 0}, "gn_groups"),
-        ({"c1": 1}, "c1"),
-        ({"c2": 1}, "c2"),
-    ],
-)
-def test_bad_arguments_raise_value_error(kwargs, match):
-    args = {"c1": 64, "c2": 64, "k": 3, "s": 1, **kwargs}
-    with pytest.raises(ValueError, match=rf"ScConv: {match}="):
-        ScConv(**args)
-
-
 def test_gflops_counted_when_scconv_is_layer_0():
     """Ultralytics' get_flops reads the input channels from dim 1 of the model's first parameter: ScConv registers its
     (1, c1, 1, 1) GroupNorm affine first, so a model that starts with ScConv (on a 16-channel input, e.g.
@@ -257,11 +218,7 @@ def test_stock_checkpoint_leaves_scconv_fresh():
     """Loading a stock yolov8n into yolov8n-scconv: every ScConv says it starts fresh, none of its tensors (BN
     statistics included) comes from the replaced Conv, while the other layers load."""
     torch.manual_seed(0)
-    stock = DetectionModel("yolov8n.yaml", verbose=False)
-    with torch.no_grad():
-        for bn in (m for m in stock.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
+    stock = randomize_(DetectionModel("yolov8n.yaml", verbose=False))
     model = DetectionModel(str(MODELS / "yolov8n-scconv.yaml"), verbose=False)
     layers = {i: m for i, m in enumerate(model.model) if isinstance(m, ScConv)}
     assert layers and all(isinstance(stock.model[i], Conv) for i in layers)

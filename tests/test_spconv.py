@@ -1,6 +1,7 @@
 """SPConv's math against the official formulation written out in the test (split, group-wise + point-wise and
 cheap 1x1 branches with their BNs, softmax over the branches' global averages), on odd and even maps and strides.
-Generic checks (shapes, ONNX, trace, autocast, fuse, ...) are in test_contract.py."""
+Generic checks (shapes, ONNX, trace, autocast, fuse, ...) are in test_contract.py, bad arguments in
+test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -68,14 +69,3 @@ def test_branch_weights_are_the_softmax_of_global_averages():
         x_u = x[:, m.representative :]
         u = bn_eval(F.conv2d(x_u, m.cheap.weight), m.red_bn)
         assert rel_err(m._fused_branches(x), u) < 1e-6
-
-
-@pytest.mark.parametrize(("kwargs", "argument"), [(dict(alpha=1.0), "alpha"), (dict(alpha=0.1), "alpha"),
-                                                  (dict(g=2), "g"), (dict(k=2), "k"), (dict(groups=3), "alpha"),
-                                                  (dict(p=0), "p"), (dict(c2=9), "c2")])
-def test_bad_arguments_name_the_fix(kwargs, argument):
-    """alpha outside (0, 1) or leaving no representative channel, g (use groups), even k, a padding that misaligns
-    the branches, and channel counts the group-wise conv cannot split."""
-    args = {"c1": 8, "c2": 16, "k": 3, "s": 1, **kwargs}
-    with pytest.raises(ValueError, match=rf"SPConv: {argument}="):
-        SPConv(**args)

@@ -1,12 +1,13 @@
 """SPDConv's math: the paper's space-to-depth + stride-1 conv written out in the test, and the exact warm start from
-a stock strided Conv on odd and even maps. Generic checks (shapes, ONNX, trace, autocast, ...): test_contract.py."""
+a stock strided Conv on odd and even maps. Generic checks (shapes, ONNX, trace, autocast, ...): test_contract.py,
+bad arguments: test_bad_input.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import norm_rel_err, random_stock_conv, randomize_, rel_err
+from module_checks import assert_converts_exactly, random_stock_conv, randomize_, rel_err
 from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules.spdconv import SPDConv
@@ -48,27 +49,14 @@ def test_stride_one_is_a_plain_conv():
         assert rel_err(m.eval()(x), stock(x)) < 1e-5
 
 
-def strided_conv_reference(stock: Conv, x: torch.Tensor) -> torch.Tensor:
-    """The stock layer written out: zero-padded strided convolution, BN in eval, SiLU."""
-    c, bn = stock.conv, stock.bn
-    z = F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
-    return F.silu(F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0, bn.eps))
-
-
 @pytest.mark.parametrize(("c1", "c2", "k", "s", "g", "d"),
                          [(8, 16, 3, 2, 1, 1), (8, 16, 1, 2, 1, 1), (8, 16, 5, 2, 1, 1), (8, 8, 3, 2, 2, 1),
                           (8, 16, 3, 2, 1, 2), (4, 8, 3, 3, 1, 1), (4, 8, 5, 3, 1, 3)])
 @pytest.mark.parametrize("hw", [(7, 9), (8, 8), (13, 6), (1, 2)])
 def test_conversion_from_strided_conv_is_exact(c1, c2, k, s, g, d, hw):
     """Odd and even maps: the converted SPDConv gives the strided Conv's output shape and values (1e-5)."""
-    stock = random_stock_conv(c1, c2, k, s, g=g, d=d)
     m = randomize_(SPDConv(c1, c2, k, s, g=g), seed=5)
-    assert m.convert_from(stock).startswith("exact")
-    x = torch.randn(3, c1, *hw)
-    with torch.no_grad():
-        y, ref = m.eval()(x), strided_conv_reference(stock, x)
-    assert y.shape == ref.shape
-    assert norm_rel_err(y, ref) < SPDConv.conversion_error
+    assert_converts_exactly(m, random_stock_conv(c1, c2, k, s, g=g, d=d), torch.randn(3, c1, *hw))
 
 
 REFUSED = [((8, 16, 3, 2, None, 1, 3), "beyond"), ((8, 16, 3, 2, 0), r"p=\(0, 0\) vs \(1, 1\)"),
@@ -81,9 +69,3 @@ def test_conversion_refuses_what_it_cannot_express(stock_args, reason):
     have another output grid; another kernel size is another architecture's layer."""
     with pytest.raises(ConversionError, match=reason):
         SPDConv(8, 16, 3, 2).convert_from(Conv(*stock_args))
-
-
-@pytest.mark.parametrize(("kwargs", "argument"), [(dict(k=2), "k"), (dict(p=0), "p"), (dict(d=2), "d")])
-def test_bad_geometry_raises(kwargs, argument):
-    with pytest.raises(ValueError, match=rf"SPDConv: {argument}="):
-        SPDConv(8, 16, **kwargs)

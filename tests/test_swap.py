@@ -1,6 +1,8 @@
 """The swap tool: layer indices kept, arguments carried by name, refusals naming the layer, YOLO-World verified the
 way Ultralytics builds it, and ``convplug swap`` (clear errors, an output name that carries the scale)."""
 
+import re
+
 import pytest
 import yaml
 
@@ -101,8 +103,7 @@ def test_unrunnable_source_is_written_and_marked_unverified(tmp_path, monkeypatc
 
     monkeypatch.setattr(swap_verify, "model_class", lambda d: Unbuildable)
     out = swap_yaml("yolov8.yaml", "Conv=SAConv2d", scope="strided", out=tmp_path / "yolov8n-sa.yaml")
-    assert "Not verified: the source model itself does not build and run" in out.read_text()
-    assert "needs a text model" in out.read_text()
+    assert re.search(r"Not verified: .*needs a text model", out.read_text())  # the marker and the source's error
 
 
 def test_cli_swap_names_the_output_with_its_scale(tmp_path, monkeypatch, capsys):
