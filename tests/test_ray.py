@@ -68,10 +68,16 @@ def test_ray_ablation_gives_the_in_process_rows(tmp_path, local_ray, capsys):
         assert (run / "weights" / "best.pt").stat().st_size > 1e6 and "Epoch" in (run / "train.log").read_text()
     assert [r["variant"] for r in _csv(out / "results.csv")] == ["yolov8n", "yolov8n-saconv"]
     assert (out / "results.md").is_file() and (out / "results.png").is_file()
+    # both trained at once on this machine: their latency and train time say so, in the table and on reuse
+    assert all(r.get("latency_shared") is True for r in rows) and all(not r.get("latency_shared") for r in local)
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| yolov8n")]
+    assert len(table) == 2 and all(line.count(" (shared)") == 3 for line in table)
+    assert "measured on a node shared with other runs" in (out / "results.md").read_text()
     assert not list(local_ray.rglob("*.pt"))
     # the same command reuses what Ray trained
-    ablate(["baseline", "saconv"], out=out, ray="local", cpus_per_run=1, **KW)
+    reused = ablate(["baseline", "saconv"], out=out, ray="local", cpus_per_run=1, **KW)
     assert capsys.readouterr().out.count("reused (done.json)") == 2
+    assert all(r.get("latency_shared") is True for r in reused)
 
 
 def test_killed_worker_is_retried_and_every_row_is_there_once(tmp_path, local_ray, capsys):
@@ -123,6 +129,7 @@ def test_runs_at_once_never_exceed_the_cpus(tmp_path, local_ray):
     stop.set()
     counter.join()
     assert len(rows) == 2 and most[0] == 1
+    assert not any(r.get("latency_shared") for r in rows)  # one run at a time: the latency is its own
 
 
 def test_a_failing_run_is_reported_once_with_its_train_log(tmp_path, local_ray, capsys):

@@ -6,6 +6,7 @@ Ray is imported only inside the functions that use it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -272,11 +273,13 @@ class RayExecutor:
             progress.log(f"{head}: queued ({self.cpus:g} CPU, {self.gpus:g} GPU)")
         seen: dict[int, int] = {}
         durations: list[float] = []
+        shared: set[int] = set()  # runs that trained while another run trained on the same node
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.POLL_S)
                 starts, epochs = ray.get(board.read.remote())
                 self._report_starts(starts, seen, t0, jobs, progress)
+                shared |= self._sharing_a_node(starts, [i for i in pending.values() if i in seen])
                 for index, done, total, map5095 in epochs:
                     progress.log(f"{jobs[index][0]}: epoch {done}/{total}  mAP50-95 {map5095:.3f}")
                 for ref in ready:
@@ -287,7 +290,9 @@ class RayExecutor:
                         row, files, kept, error = ray.get(ref)
                     except Exception as e:  # the task itself failed: retries used up, or its result was lost
                         files, error = {}, getattr(e, "cause", None) or e
-                    self._write_back(job, files, kept if error is None else "")
+                    if error is None and index in shared:
+                        row["latency_shared"] = True
+                    self._write_back(job, files, kept if error is None else "", row if index in shared else None)
                     if error is not None:
                         progress.log(f"{head}: FAILED after {seconds:.0f} s: {type(error).__name__}: {error}")
                         yield job, None, error
@@ -304,6 +309,14 @@ class RayExecutor:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
+
+    @staticmethod
+    def _sharing_a_node(starts: dict, running: list[int]) -> set[int]:
+        """The runs of ``running`` whose node (the host of their latest start) another running run shares."""
+        hosts: dict[str, list[int]] = {}
+        for index in running:
+            hosts.setdefault(starts[index][-1]["where"].split()[0], []).append(index)
+        return {i for group in hosts.values() if len(group) > 1 for i in group}
 
     @staticmethod
     def _time_left(durations: list[float], pending: dict, seen: dict) -> str:
@@ -328,8 +341,9 @@ class RayExecutor:
                 t0[index] = time.perf_counter()
             seen[index] = len(infos)
 
-    def _write_back(self, job: Job, files: dict[str, bytes], kept: str) -> None:
-        """Write a worker's run files under the driver's run folder; note where a kept ``best.pt`` stays."""
+    def _write_back(self, job: Job, files: dict[str, bytes], kept: str, row: dict | None = None) -> None:
+        """Write a worker's run files under the driver's run folder; note where a kept ``best.pt`` stays; ``row``
+        (when given) replaces the row in ``done.json``, so a reused run keeps the driver's marks."""
         if job.run_dir.exists():
             shutil.rmtree(job.run_dir)
         for name, content in files.items():
@@ -342,4 +356,7 @@ class RayExecutor:
             (job.run_dir / "weights").mkdir(parents=True, exist_ok=True)
             (job.run_dir / "weights" / "best.pt.on-worker").write_text(kept + "\n")
         if "done.json" in files:  # last, as a run in-process writes it; a failed run sends its train.log only
-            (job.run_dir / "done.json").write_bytes(files["done.json"])
+            done = files["done.json"]
+            if row is not None:
+                done = json.dumps({**json.loads(done), "row": row}, indent=2, allow_nan=True).encode()
+            (job.run_dir / "done.json").write_bytes(done)

@@ -30,9 +30,10 @@ from pathlib import Path
 from .variants import CONTROL, short_label
 
 METRICS = ("params", "gflops", "latency_cpu_ms", "latency_gpu_ms", "train_s", "mAP50", "mAP50-95", "mAP50-95_train")
-CSV_FIELDS = ("variant", "model", "seed", "best_epoch", *METRICS, "transferred")
+CSV_FIELDS = ("variant", "model", "seed", "best_epoch", *METRICS, "transferred", "latency_shared")
 GUARD_REL = 0.02  # relative gap between best.pt's final validation and its epoch's in-training validation
 GUARD_ABS = 0.001  # gaps that the 3-decimal tables cannot show are not flagged
+SHARED = " (shared)"  # the mark of a latency measured while other runs trained on the same node
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         s["gap"] = max((g[0] for g in known), key=abs) if known else math.nan
         s["gap_flag"] = any(flag for _, flag in gaps)
         s["per_seed"] = {int(r["seed"]): _value(r, "mAP50-95") for r in rs}
+        s["latency_shared"] = any(r.get("latency_shared") is True for r in rs)
         out.append(s)
     return out
 
@@ -242,13 +244,21 @@ def markdown(
         n = s["n"]
         cells = [
             s["variant"], str(n), f"{s['params'][0] / 1e6:.3f}", f"{s['gflops'][0]:.3f}",
-            _fmt(s["latency_cpu_ms"], 2, n), _fmt(s["latency_gpu_ms"], 2, n), _fmt(s["train_s"], 0, n),
+            _fmt(s["latency_cpu_ms"], 2, n) + SHARED * s["latency_shared"],
+            _fmt(s["latency_gpu_ms"], 2, n) + SHARED * s["latency_shared"],
+            _fmt(s["train_s"], 0, n) + SHARED * s["latency_shared"],
             _fmt(s["mAP50"], 3, n), _fmt(s["mAP50-95"], 3, n), _ratio(s, base),
         ]  # fmt: skip
         cells += _comparison_cells(s, summary, protocol, cols)
         cells.append(_gap(s))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *notes(summary, protocol)]
+    if any(s["latency_shared"] for s in summary):
+        lines.append(
+            f"{SHARED.strip()} Latency and train time measured on a node shared with other runs of this ablation "
+            "(Ray, several runs at once): inflated and noisy; compare modules' speed with `convplug bench` on an "
+            "idle machine."
+        )
     lines.append(
         f"Baseline: {base['variant']}. Values are mean ± std over seeds where a variant has several runs. "
         "Latency: fused model, batch 1, fp32, median of timed passes after warm-up; "
