@@ -196,3 +196,32 @@ def test_default_resources_share_the_cpus_among_the_runs_at_once():
     assert default_resources(16, 4) == (4, 1.0)  # one run per GPU, the CPUs split among them
     assert default_resources(2, 0) == (2, 0.0)  # CPU only: one run at a time on every CPU
     assert default_resources(1, 2) == (1, 1.0)
+
+
+@pytest.mark.slow
+def test_ultralytics_own_ray_tune_trains_the_plug_in_model_in_every_trial(tmp_path):
+    """``YOLO("yolov8n-saconv.yaml").tune(use_ray=True)``, as a user runs it in a fresh process: each Ray Tune trial
+    (a Ray worker process) builds the SAConv2d layers and trains them."""
+    code = f"""
+import glob, sys
+from ray import tune
+from ultralytics import YOLO
+from yolo_convplug.research.data import resolve_data
+
+data = resolve_data({TINY!r})
+grid = YOLO("yolov8n-saconv.yaml").tune(
+    use_ray=True, search_alg="random", iterations=2, space={{"lr0": tune.uniform(1e-3, 1e-2)}}, data=data, epochs=1,
+    imgsz=64, batch=8, workers=0, plots=False, project={str(tmp_path / "runs")!r})
+print("TRIALS", len(grid), "ERRORS", grid.num_errors)
+"""
+    env = {**os.environ, "CONVPLUG_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                         env=env)  # fmt: skip
+    assert "TRIALS 2 ERRORS 0" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    weights = sorted((tmp_path / "runs").rglob("best.pt"))
+    assert len(weights) == 2, weights
+    for w in weights:  # trained in the trials: the checkpoints hold the plug-in layers
+        ckpt = torch.load(w, weights_only=False)
+        model = ckpt.get("ema") or ckpt["model"]  # 8.4 keeps only the EMA
+        assert [type(m).__name__ for m in model.model].count("SAConv2d") == 3, w
+
