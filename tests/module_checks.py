@@ -65,12 +65,16 @@ def random_stock_conv(c1: int, c2: int, k: int = 3, s: int = 1, g: int = 1, d: i
     return stock
 
 
+def bn_eval(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn`` in eval, on its running statistics, as a function (no module state read but its tensors)."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
 def stock_conv_reference(stock: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An eval-mode stock ``Conv`` written out: zero-padded strided (dilated, grouped) convolution, BN on its running
     statistics, SiLU."""
-    c, bn = stock.conv, stock.bn
-    z = F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
-    return F.silu(F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    c = stock.conv
+    return F.silu(bn_eval(F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups), stock.bn))
 
 
 def assert_converts_exactly(m: nn.Module, stock: nn.Module, x: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import assert_converts_exactly, random_stock_conv, randomize_, rel_err
+from module_checks import assert_converts_exactly, bn_eval, random_stock_conv, randomize_, rel_err
 from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules.akconv import AKConv, initial_shape
@@ -54,8 +54,7 @@ def akconv_reference(m: AKConv, x: torch.Tensor) -> torch.Tensor:
                     for o in range(c2):
                         grp = o // (c2 // groups)
                         z[bi, o, i, j] += weight[o, :, n] @ v[grp * cg : (grp + 1) * cg]
-    bn = m.bn
-    return m.act(F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    return m.act(bn_eval(z, m.bn))
 
 
 @pytest.mark.parametrize(("c1", "c2", "k", "s", "g", "num_param"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CFG_MODELS, scaled
-from module_checks import randomize_, rel_err
+from module_checks import bn_eval, randomize_, rel_err
 from torch.utils._pytree import tree_leaves
 from ultralytics.nn.modules import Conv
 from ultralytics.nn.tasks import DetectionModel
@@ -21,23 +21,16 @@ from ultralytics.nn.tasks import DetectionModel
 from yolo_convplug.modules.dbb import DiverseBranchBlock
 
 
-def bn_eval(bn, z):
-    """BatchNorm in eval, written out."""
-    shape = (1, -1, 1, 1)
-    return (z - bn.running_mean.view(shape)) / (bn.running_var.view(shape) + bn.eps).sqrt() * bn.weight.view(
-        shape) + bn.bias.view(shape)
-
-
 def dbb_reference(m: DiverseBranchBlock, x: torch.Tensor) -> torch.Tensor:
     """The paper's block in eval: kxk-BN + 1x1-BN + 1x1-BN-avg-BN + 1x1-BN-kxk-BN, then SiLU. The branches that pad
     after their first 1x1 conv pad its output with zeros *before* that BN (the reference's BNAndPadLayer)."""
     k, s, p = m.k, m.s, m.k // 2
-    kxk = bn_eval(m.bn, F.conv2d(x, m.conv.weight, None, s, p))
-    one = bn_eval(m.bn_1x1, F.conv2d(x, m.conv_1x1.weight, None, s))
-    avg = bn_eval(m.avg_bn, F.avg_pool2d(bn_eval(m.avg_bn_pad, F.pad(F.conv2d(x, m.avg_conv.weight), [p] * 4)), k, s))
+    kxk = bn_eval(F.conv2d(x, m.conv.weight, None, s, p), m.bn)
+    one = bn_eval(F.conv2d(x, m.conv_1x1.weight, None, s), m.bn_1x1)
+    avg = bn_eval(F.avg_pool2d(bn_eval(F.pad(F.conv2d(x, m.avg_conv.weight), [p] * 4), m.avg_bn_pad), k, s), m.avg_bn)
     identity = torch.eye(x.shape[1]).view(x.shape[1], x.shape[1], 1, 1)
-    first = bn_eval(m.seq_bn_pad, F.pad(F.conv2d(x, m.seq_1x1.weight + identity), [p] * 4))
-    seq = bn_eval(m.seq_bn, F.conv2d(first, m.seq_conv.weight, None, s))
+    first = bn_eval(F.pad(F.conv2d(x, m.seq_1x1.weight + identity), [p] * 4), m.seq_bn_pad)
+    seq = bn_eval(F.conv2d(first, m.seq_conv.weight, None, s), m.seq_bn)
     return F.silu(kxk + one + avg + seq)
 
 

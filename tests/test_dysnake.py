@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import norm_rel_err, randomize_, rel_err
+from module_checks import bn_eval, norm_rel_err, randomize_, rel_err
 from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules.dysnake import DySnakeConv, snake_offsets
@@ -37,9 +37,7 @@ def bilinear_clamped(img: torch.Tensor, y: float, x: float) -> torch.Tensor:
 def snake_reference(m: DySnakeConv, x: torch.Tensor, axis: str) -> torch.Tensor:
     """One snake's conv output before GroupNorm (eval), point by point: point n = K//2 + t sits at t pixels from
     the centre along ``axis`` and at the running sum of the swings from the centre to it across ``axis``."""
-    bn = m.offset_bn
-    swing = torch.tanh(F.batch_norm(F.conv2d(x, m.offset.weight, m.offset.bias, m.stride, 1), bn.running_mean,
-                                    bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    swing = torch.tanh(bn_eval(F.conv2d(x, m.offset.weight, m.offset.bias, m.stride, 1), m.offset_bn))
     k, c = m.kernel_points, m.kernel_points // 2
     conv = m.snake_x if axis == "x" else m.snake_y
     weight = conv.weight.flatten(2)  # (c2, c1, K)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import ROOT
-from module_checks import bf16_forward, bf16_training_grads_finite, random_stock_conv, randomize_, rel_err
+from module_checks import bf16_forward, bf16_training_grads_finite, bn_eval, random_stock_conv, randomize_, rel_err
 from ref_saconv import SAConvNaive, load_from_module, mmcv_pool
 from torchvision.ops import deform_conv2d
 from ultralytics.nn.modules import Conv
@@ -106,13 +106,10 @@ def test_switch_blends_the_two_dilations():
     x = torch.randn(1, 8, 11, 11)
     w = m.standardized_weight()
 
-    def bn(y):
-        return F.batch_norm(y, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, False, 0, m.bn.eps)
-
-    assert rel_err(m(x), bn(F.conv2d(x, w, None, 1, 1, 1))) < 1e-5
+    assert rel_err(m(x), bn_eval(F.conv2d(x, w, None, 1, 1, 1), m.bn)) < 1e-5
     with torch.no_grad():
         m.switch.bias.zero_()
-    assert rel_err(m(x), bn(F.conv2d(x, w + m.weight_gamma * m.weight_diff, None, 1, 3, 3))) < 1e-5
+    assert rel_err(m(x), bn_eval(F.conv2d(x, w + m.weight_gamma * m.weight_diff, None, 1, 3, 3), m.bn)) < 1e-5
 
 
 def test_standardised_weight_has_mean_beta_and_std_gamma_whatever_the_kernel_scale():

@@ -8,13 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import randomize_, rel_err
+from module_checks import bn_eval, randomize_, rel_err
 
 from yolo_convplug.modules.spconv import SPConv
-
-
-def bn_eval(x, bn):
-    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 def pooled(x, s):

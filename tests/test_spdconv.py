@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import assert_converts_exactly, random_stock_conv, randomize_, rel_err
+from module_checks import assert_converts_exactly, bn_eval, random_stock_conv, randomize_, rel_err
 from ultralytics.nn.modules import Conv
 
 from yolo_convplug.modules.spdconv import SPDConv
@@ -25,7 +25,7 @@ def space_to_depth(x: torch.Tensor, s: int) -> torch.Tensor:
 def spd_reference(m: SPDConv, x: torch.Tensor) -> torch.Tensor:
     """The paper's SPD-Conv in eval: space-to-depth, then the stride-1 'same' conv, BN, activation."""
     z = F.conv2d(space_to_depth(x, m.scale), m.conv.weight, None, 1, m.conv.padding, 1, m.conv.groups)
-    return m.act(F.batch_norm(z, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, False, 0, m.bn.eps))
+    return m.act(bn_eval(z, m.bn))
 
 
 @pytest.mark.parametrize(("c1", "c2", "k", "s", "g"), [(8, 16, 3, 2, 1), (8, 16, 1, 2, 1), (6, 12, 5, 3, 1),
