@@ -309,6 +309,14 @@ def test_ablate_artefacts_progress_resume_and_finetune(tmp_path, capsys, monkeyp
     assert "- yolov8n-saconv: " in md and "SAConv2d <- Conv: exact" in md  # each plug-in layer's warm start
     for v in ("yolov8n", "yolov8n-saconv"):
         assert "Transferred" in (tmp_path / "ft" / "runs" / v / "seed0" / "train.log").read_text()
+    # the start: the weights validated once before training, against the baseline's first epoch
+    start = json.loads((tmp_path / "ft" / "start.json").read_text())["mAP50-95"]
+    assert 0 <= start <= 1 and start == pytest.approx(rows[0]["mAP50-95"], abs=0.02)  # the same weights, validated
+    with open(tmp_path / "ft" / "runs" / "yolov8n" / "seed0" / "results.csv") as f:
+        first = float(next(csv.DictReader(f))["metrics/mAP50-95(B)"])
+    assert f"Start: the weights validate at {start:.3f} mAP50-95 before any training; the baseline's first epoch " \
+           f"gives {first:.3f} (seed 0)" in md
+    assert f"start: the weights validate at {start:.3f} mAP50-95" in capsys.readouterr().out
     key = plan.settings_key(None, {"pretrained": str(weights)}, TINY)
     assert key["pretrained_sha256"] == plan.sha256(weights)
 

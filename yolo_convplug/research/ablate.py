@@ -15,6 +15,8 @@ the command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shlex
 import sys
 import textwrap
@@ -34,10 +36,11 @@ from .plan import (
     pretrained_arg,
     protocol_defaults,
     settings_key,
+    sha256,
 )
 from .progress import Progress
 from .report import Protocol, console_summary, summarize, write_results
-from .run import EpochWatch, run_one  # noqa: F401  (public names of the ablation)
+from .run import EpochWatch, first_epoch_map, run_one, validate_start  # noqa: F401  (public names of the ablation)
 from .variants import DEFAULT_FAMILY, default_variants, families, resolve_variant, slugs
 from .workflow import parse_overrides
 
@@ -73,6 +76,23 @@ def check_inputs(baseline, data: str, train_args: dict) -> tuple[int, int] | Non
         return None  # training from scratch, or an Ultralytics weights name it downloads
     source = load_weights(weights)
     return check_transfer(weights, source, baseline.model, nc or int(getattr(source, "nc", 80)))
+
+
+def start_map(weights: str, data: str, train_args: dict, out: Path) -> float:
+    """The weights' own mAP50-95 on ``data`` (:func:`~.run.validate_start`), validated once per weights, data, imgsz
+    and batch and kept in ``<out>/start.json``."""
+    key = {"weights_sha256": sha256(Path(weights)), "data": data, "imgsz": train_args["imgsz"],
+           "batch": train_args["batch"]}  # fmt: skip
+    path = out / "start.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            return saved["mAP50-95"]
+    except (OSError, ValueError, KeyError):
+        pass
+    value = validate_start(weights, data, train_args, out / "start" / "val.log")
+    path.write_text(json.dumps({"key": key, "mAP50-95": value}, indent=2))
+    return value
 
 
 def ablate(
@@ -152,6 +172,8 @@ def _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_thr
         same_images=same_images(data),
         seed_spread=SEED_SPREAD_MAP5095[kind] if is_default_protocol(data_spec, train_args) else None,
     )
+    if transfer and Path(pretrained).is_file():
+        protocol = dataclasses.replace(protocol, start_map=start_map(pretrained, data, train_args, out))
     jobs = plan_jobs(vs, seeds, out, train_args, data)
     done = {job: load_done(job) for job in jobs}
     heads = {job: f"[{j}/{len(jobs)}] {job.label}" for j, job in enumerate(jobs, 1)}
@@ -174,6 +196,8 @@ def _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_thr
     if transfer:
         n, total = transfer
         progress.log(f"weights: {n}/{total} of the baseline's tensors take their values from {pretrained}")
+    if protocol.start_map is not None:
+        progress.log(f"start: the weights validate at {protocol.start_map:.3f} mAP50-95 on {label} before training")
     try:
         for job, row, error in executor.run([(heads[j], j) for j in jobs if done[j] is None], progress):
             if error is not None:
@@ -182,6 +206,9 @@ def _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_thr
     except KeyboardInterrupt:
         raise AblationInterrupted(sum(row is not None for row in done.values()), len(jobs), out) from None
     rows = [row for row in done.values() if row is not None]
+    if protocol.start_map is not None:
+        first = tuple((j.seed, first_epoch_map(j.run_dir)) for j in jobs if j.variant is vs[0] and done[j] is not None)
+        protocol = dataclasses.replace(protocol, first_epochs=first)
     if rows:
         paths = write_results(rows, out, protocol, settings_key(None, train_args, data), latency_threads)
         summary = console_summary(summarize(rows), protocol)

@@ -33,6 +33,7 @@ METRICS = ("params", "gflops", "latency_cpu_ms", "latency_gpu_ms", "train_s", "m
 CSV_FIELDS = ("variant", "model", "seed", "best_epoch", *METRICS, "transferred", "latency_shared")
 GUARD_REL = 0.02  # relative gap between best.pt's final validation and its epoch's in-training validation
 GUARD_ABS = 0.001  # gaps that the 3-decimal tables cannot show are not flagged
+START_KEPT = 0.05  # fine-tuning keeps the start when the baseline's first epoch is at most this far below it
 SHARED = " (shared)"  # the mark of a latency measured while other runs trained on the same node
 
 
@@ -40,7 +41,9 @@ SHARED = " (shared)"  # the mark of a latency measured while other runs trained 
 class Protocol:
     """What an ablation ran: the data as the user named it, epochs, image size, seeds, and the weights every run was
     fine-tuned from (None: from scratch). ``same_images``: the data validates on training images (None: unknown).
-    ``seed_spread``: the measured std of mAP50-95 over seeds for this protocol (None: not measured)."""
+    ``seed_spread``: the measured std of mAP50-95 over seeds for this protocol (None: not measured). Fine-tuned:
+    ``start_map``, the weights' own mAP50-95 before training, and ``first_epochs``, (seed, mAP50-95) of the
+    baseline's first epoch: whether the protocol keeps the start."""
 
     data: str
     epochs: int
@@ -49,6 +52,8 @@ class Protocol:
     pretrained: str | None = None
     same_images: bool | None = None
     seed_spread: float | None = None
+    start_map: float | None = None
+    first_epochs: tuple[tuple[int, float], ...] = ()
 
     @property
     def start(self) -> str:
@@ -171,6 +176,20 @@ def _gap(s: dict) -> str:
 def notes(summary: list[dict], protocol: Protocol) -> list[str]:
     """The sentences that say how to read the numbers: protocol, data, noise, and flagged checkpoints."""
     out = [f"Protocol: {protocol.title()}." + (f" Weights: {protocol.pretrained}." if protocol.pretrained else "")]
+    if protocol.start_map is not None and protocol.first_epochs:
+        worst = min(m for _, m in protocol.first_epochs) / protocol.start_map if protocol.start_map > 0 else 1.0
+        epochs = ", ".join(f"{m:.3f}" for _, m in protocol.first_epochs)
+        seeds = ", ".join(str(k) for k, _ in protocol.first_epochs)
+        kept = (
+            f"within {START_KEPT:.0%}: the protocol keeps the start"
+            if worst >= 1 - START_KEPT
+            else f"more than {START_KEPT:.0%} below it: these settings wipe part of the start; lower lr0 or add a "
+            "warm-up (key=value)"
+        )
+        out.append(
+            f"Start: the weights validate at {protocol.start_map:.3f} mAP50-95 before any training; the baseline's "
+            f"first epoch gives {epochs} (seed {seeds}), {kept}."
+        )
     if protocol.same_images:
         out.append(
             f"{protocol.data} validates on its training images: these numbers measure how well each model fits "

@@ -137,6 +137,30 @@ def profile_checkpoint(weights: str | Path, imgsz: int, runs: int = 50, threads:
     return out
 
 
+def validate_start(weights: str, data: str, train_args: dict, log: Path) -> float:
+    """mAP50-95 of the pretrained ``weights`` on ``data`` before any training (Ultralytics' validator, the runs'
+    imgsz, batch and device; its output into ``log``): the start that fine-tuning should keep."""
+    from ultralytics import YOLO
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with redirect_output(log):
+        metrics = YOLO(weights).val(data=data, imgsz=train_args["imgsz"], batch=train_args["batch"], plots=False,
+                                    device=train_args.get("device"), project=str(log.parent), name="start",
+                                    exist_ok=True)  # fmt: skip
+    return float(metrics.box.map)
+
+
+def first_epoch_map(run_dir: Path) -> float:
+    """The mAP50-95 of a run's first epoch (Ultralytics' results.csv in ``run_dir``), NaN when unknown."""
+    import csv
+
+    try:
+        with open(run_dir / "results.csv") as f:
+            return float(next(csv.DictReader(f))["metrics/mAP50-95(B)"])
+    except (OSError, StopIteration, KeyError, ValueError):
+        return float("nan")
+
+
 def run_one(
     job: Job,
     data: str,
