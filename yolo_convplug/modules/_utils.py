@@ -28,6 +28,15 @@ def require(condition: bool, module: str, argument: str, value, fix: str) -> Non
         raise ValueError(f"{module}: {argument}={value!r} is not valid; {fix}")
 
 
+def require_centred_kernel(module: str, k, p, g, d, no_groups: str, no_dilation: str) -> None:
+    """The checks of a module whose taps align at the kernel's centre: an odd ``k``, 'same' padding, and, as
+    ``no_groups`` and ``no_dilation`` say why, ``g = d = 1``."""
+    require(k % 2 == 1, module, "k", k, "use an odd kernel size (1, 3, 5, ...): the taps align at its centre")
+    require(p is None or p == k // 2, module, "p", p, f"leave p=None ('same' padding {k // 2}): the taps align")
+    require(g == 1, module, "g", g, f"use g=1 ({no_groups})")
+    require(d == 1, module, "d", d, f"use d=1 ({no_dilation})")
+
+
 def require_int(module: str, argument: str, value, minimum: int = 1) -> None:
     """Check that ``value`` is an int (bools excluded) of at least ``minimum``."""
     require(

@@ -10,7 +10,7 @@ from ultralytics.nn.modules.conv import autopad
 
 from ..registry import register
 from ._stock import copy_bn, stock_conv_bn
-from ._utils import check_conv_args, require, resolve_act
+from ._utils import check_conv_args, require_centred_kernel, resolve_act
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,10 +74,8 @@ class DiverseBranchBlock(nn.Module):
         super().__init__()
         name = type(self).__name__
         check_conv_args(name, c1, c2, k, s, p, g, d)
-        require(k % 2 == 1, name, "k", k, "use an odd kernel size (1, 3, 5, ...): the branches align at its centre")
-        require(p is None or p == k // 2, name, "p", p, f"leave p=None ('same' padding {k // 2}): the branches align")
-        require(g == 1, name, "g", g, "use g=1 (grouped branches are not implemented)")
-        require(d == 1, name, "d", d, "use d=1 (the average and 1x1 branches have no dilated form)")
+        require_centred_kernel(name, k, p, g, d, "grouped branches are not implemented",
+                               "the average and 1x1 branches have no dilated form")  # fmt: skip
         self.k, self.s, self.pad = k, s, autopad(k, p, d)
         self.conv = nn.Conv2d(c1, c2, k, s, self.pad, bias=False)
         self.bn = nn.BatchNorm2d(c2)

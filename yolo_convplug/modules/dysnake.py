@@ -14,7 +14,7 @@ from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import ConversionError, register
 from ._stock import copy_bn, stock_conv_bn
-from ._utils import check_conv_args, fuse_convs, require, require_number, resolve_act
+from ._utils import check_conv_args, fuse_convs, require, require_centred_kernel, require_number, resolve_act
 from .akconv import sample_bilinear
 
 
@@ -65,10 +65,7 @@ class DySnakeConv(nn.Module):
         super().__init__()
         name = type(self).__name__
         check_conv_args(name, c1, c2, k, s, p, g, d)
-        require(k % 2 == 1, name, "k", k, "DySnakeConv needs an odd kernel size (3, 5, ...): the snake has a centre")
-        require(p is None or p == k // 2, name, "p", p, f"leave p=None ('same' padding {k // 2})")
-        require(g == 1, name, "g", g, "DySnakeConv has no groups: use g=1")
-        require(d == 1, name, "d", d, "DySnakeConv's snakes replace dilation: use d=1")
+        require_centred_kernel(name, k, p, g, d, "the snakes have no groups", "the snakes replace dilation")
         require(c2 >= 4 and c2 % (c2 // 4) == 0, name, "c2", c2,
                 "the snakes' GroupNorm has c2 // 4 groups: use c2 >= 4 divisible by c2 // 4 (any multiple of 4 works)")
         require_number(name, "extend_scope", extend_scope, 0, float("inf"), "use a number > 0 (the paper's 1)", True)
