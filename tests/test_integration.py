@@ -229,11 +229,29 @@ def test_unrecognised_parse_model_names_version_and_range():
     assert fake.parse_model({"backbone": [[-1, 1, "Conv", [16]]], "head": []}, 3)  # stock YAMLs still work
 
 
-def test_patch_is_an_ast_rewrite_of_the_installed_function():
+def test_patch_recompiles_the_installed_parse_model_and_builds_every_registered_module_by_its_role():
+    """The patched parse_model is the installed function's own source, rewritten and compiled with tasks' globals at
+    its own file and first line (tracebacks point at tasks.py), and it builds every registered module as its role
+    says: conv-role rows get c1 inserted and c2 width-scaled like Conv, repeat-role rows also the depth-scaled n."""
     import ultralytics.nn.tasks as tasks
 
-    assert tasks.parse_model._yolo_convplug and tasks.parse_model.__wrapped__.__module__ == "ultralytics.nn.tasks"
-    assert set(registered()) >= {"SAConv2d", "DSConv2d", "ScConv", "CondConv", "PConv", "FasterBlock", "C2f_Faster"}
+    original = tasks.parse_model.__wrapped__
+    patched = inspect.getclosurevars(tasks.parse_model).nonlocals["patched"]
+    assert patched.__code__ is not original.__code__ and patched.__globals__ is vars(tasks)
+    assert patched.__code__.co_filename == original.__code__.co_filename == tasks.__file__
+    assert patched.__code__.co_firstlineno == original.__code__.co_firstlineno
+    entries = registered()
+    assert {"ODConv", "DCNv2", "SPConv", "C2f_Faster"} <= set(entries)
+    for name, entry in entries.items():
+        repeats, args = (3, [64]) if entry.role == "repeat" else (1, [64, 3, 1])
+        d = {"nc": 80, "scales": {"n": [0.33, 0.25, 1024]}, "scale": "n",
+             "backbone": [[-1, 1, "Conv", [64, 3, 2]], [-1, repeats, name, args]], "head": []}  # fmt: skip
+        model, _ = tasks.parse_model(d, 3, verbose=False)
+        assert type(model[1]) is entry.cls, name
+        with torch.no_grad():
+            assert model.eval()(torch.rand(1, 3, 32, 32)).shape[1] == 16, name  # c1 = 16 in, 64 x 0.25 out
+        if entry.role == "repeat":
+            assert len(model[1].m) == 1, name  # n = 3 x 0.33
 
 
 def _parser_sets() -> dict[str, set[str]]:
