@@ -337,6 +337,23 @@ def test_ablate_help_states_durations(capsys):
 # --- bench ----------------------------------------------------------------------------------------------------------
 
 
+def test_gflops_count_deform_conv2d_as_the_convolution_it_computes():
+    """DCNv2 = its main convolution (torchvision's deform_conv2d, which the flop counter did not know) with the
+    bilinear sampling and modulation of each sampled value (5 MACs, as its thop rule), + the conv that predicts its
+    2·k·k offsets and k·k masks."""
+    import torch
+    from ultralytics.nn.modules import Conv
+
+    from yolo_convplug.modules.dcnv2 import DCNv2
+    from yolo_convplug.research.measure import gflops
+
+    x = torch.rand(2, 16, 20, 24)
+    main, offsets = 2 * 2 * 32 * 16 * 9 * 10 * 12, 2 * 2 * 27 * 16 * 9 * 10 * 12  # stride 2: a 10 x 12 output
+    sampling = 2 * 2 * 10 * 12 * 9 * 16 * 5
+    assert gflops(Conv(16, 32, 3, 2), x) * 1e9 == pytest.approx(main)
+    assert gflops(DCNv2(16, 32, 3, 2), x) * 1e9 == pytest.approx(main + sampling + offsets)
+
+
 def test_bench_prints_measurements_only(tmp_path, capsys):
     path = tmp_path / "bench.csv"
     assert bench.main(["--only", "PConv", "--batch", "1", "--repeats", "1", "--warmup", "0", "--csv", str(path)]) == 0

@@ -4,9 +4,9 @@
   drift on a shared machine hits all of them alike: median milliseconds over ``repeats`` after ``warmup`` untimed
   rounds. :func:`latency_ms` is its one-model case (batch-1 inference latency).
 - :func:`gflops` is 2 x the multiply-accumulates of one forward pass counted by ``torch.utils.flop_counter``: every
-  aten convolution and matmul, so a module that convolves with kernels built in ``forward`` counts whatever its
-  implementation. :func:`thop_gflops` is Ultralytics' own count (thop, with the rules the modules register), the
-  figure ``model.info()`` shows.
+  aten convolution and matmul, and torchvision's ``deform_conv2d`` as DCNv2's thop rule counts it, so a module
+  that convolves with kernels built in ``forward`` counts whatever its implementation. :func:`thop_gflops` is
+  Ultralytics' own count (thop, with the rules the modules register), the figure ``model.info()`` shows.
 - :func:`deployed` is the fused eval copy that inference runs: a model's (patched) ``BaseModel.fuse``, or for a
   single layer its own ``fuse()`` followed by Ultralytics' Conv-BN folding.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import statistics
 import time
@@ -90,10 +91,26 @@ def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 50, warmup: int = 
         return median_ms({"model": forward_step(model.eval(), x)}, runs, warmup, sync)["model"]
 
 
+@functools.cache
+def _count_deform_conv2d() -> None:
+    """Teach the flop counter torchvision's ``deform_conv2d`` (it counts aten ops only, so DCNv2's main
+    convolution counted zero): 2 x its MACs, the convolution's and, as DCNv2's thop rule counts them, the bilinear
+    sampling (4) and modulation (1) of each sampled value."""
+    import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.torchvision.deform_conv2d)
+    def deform_conv2d_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        batch, c_out, h, w = out_shape
+        taps = weight_shape[2] * weight_shape[3]
+        return 2 * batch * h * w * taps * (c_out * weight_shape[1] + 5 * input_shape[1])
+
+
 def gflops(m: nn.Module, x: torch.Tensor) -> float:
     """GFLOPs (2 x multiply-accumulates) of ``m(x)`` counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _count_deform_conv2d()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         m(x)
     return counter.get_total_flops() / 1e9
