@@ -16,6 +16,7 @@ from ultralytics.nn.modules.conv import Conv
 
 from yolo_convplug import ConversionError
 from yolo_convplug.modules.condconv import CondConv
+from yolo_convplug.modules.odconv import ODConv
 
 # (c1, c2, k, s, p, g, d): groups, dilation, explicit padding and even kernels exercise every path
 VARIANTS = [(8, 16, 3, 1, None, 2, 1), (16, 8, 3, 2, None, 1, 2), (24, 24, 5, 2, 1, 8, 1), (8, 8, 2, 1, None, 1, 1),
@@ -156,3 +157,24 @@ def test_conversion_refuses_one_expert_and_names_the_mismatch():
         CondConv(16, 32, 3, 2).convert_from(Conv(16, 32, 3, 2, act=False))
     with pytest.raises(ValueError, match=r"CondConv: noise=-1"):
         CondConv(16, 32, 3, 2).convert_from(Conv(16, 32, 3, 2), noise=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [CondConv, ODConv], ids=lambda c: c.__name__)
+def test_inductor_compiles_a_dynamic_batch_once_and_matches_eager(cls):
+    """Ultralytics' compile=True (inductor) meets a new batch size at the last batch and in validation: the
+    per-sample convolution compiles with a dynamic batch (the grouped form's groups = B broke inductor), trains,
+    matches eager, and a third batch size compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = cls(8, 16, 3, 2)
+    compiled = torch.compile(m, dynamic=True)
+    for b in (4, 3):
+        compiled(torch.rand(b, 8, 12, 12)).sum().backward()
+    graphs = counters["stats"]["unique_graphs"]
+    x = torch.rand(5, 8, 12, 12)
+    y = compiled(x)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert rel_err(y, m(x)) < 1e-5

@@ -34,9 +34,10 @@ class DynamicKernelConv(nn.Module):
     The whole batch runs as one grouped convolution: the batch is folded into the channel axis,
     ``x -> (1, B·c1, H, W)``, the ``B`` per-sample kernels are stacked to ``(B·c2, c1/g, k, k)`` and
     ``groups = B·g``. No Python loop over samples. Folding bakes the batch size into the graph (the ``groups``
-    attribute), so while tracing (``torch.jit.trace``, ``torch.onnx.export``) the same product is computed as
-    im2col + batched matmul, ``K_b @ unfold(x_b)``, whose graph has no batch-dependent constant: exported models run
-    at any batch size.
+    attribute), so while tracing (``torch.jit.trace``, ``torch.onnx.export``) and compiling (``torch.compile``,
+    whose inductor cannot lower ``groups = B`` for a dynamic batch) the same product is computed as im2col +
+    batched matmul, ``K_b @ unfold(x_b)``, whose graph has no batch-dependent constant: exported and compiled models
+    run at any batch size.
 
     ``fuse()`` folds BN into every kernel of the bank: with ``a = gamma / sqrt(var + eps)`` per output channel,
     ``BN(conv(x, K)) = conv(x, a ⊙ K) + (beta - a·mu)``, and ``a ⊙ K`` is the kernel computed from the bank
@@ -75,7 +76,7 @@ class DynamicKernelConv(nn.Module):
         """Convolve every sample with its own kernel ``kernels(x)[b]`` (plus an optional per-channel bias)."""
         b, _, h, w = x.shape
         kernels = self.kernels(x)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return self._unfold_conv(x, kernels, bias)
         kernels = kernels.reshape(b * self.c2, self.c1 // self.g, self.k, self.k)
         y = F.conv2d(x.reshape(1, b * self.c1, h, w), kernels, None if bias is None else bias.repeat(b),
