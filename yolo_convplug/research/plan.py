@@ -33,10 +33,10 @@ TRAIN_DEFAULTS = dict(
     val=True,
     verbose=False,
 )
-# Fine-tuning (pretrained=WEIGHTS) keeps the start: the from-scratch settings above (lr0 0.003 after a warm-up whose
-# bias learning rate starts at Ultralytics' warmup_bias_lr=0.1) dropped a stock baseline from 0.797 to 0.570 mAP50-95
-# after one epoch. These replace them when fine-tuning (any of them can be overridden with key=value); chosen so
-# that the baseline's first-epoch validation stays within 5% of the stock model's (README, "Fine-tuned").
+# Fine-tuning (pretrained=WEIGHTS) must keep the start: the settings above (lr0 0.003 after a warm-up whose bias
+# learning rate starts at Ultralytics' warmup_bias_lr=0.1) wipe much of it in the first epoch. These replace them
+# when fine-tuning (any can be overridden with key=value), chosen so that the baseline's first-epoch validation stays
+# within 5% of the stock model's (the README's "Two protocols" gives the measurements).
 FINETUNE_DEFAULTS = dict(TRAIN_DEFAULTS, epochs=10, lr0=0.0005, lrf=1.0, warmup_epochs=0)
 DEFAULT_DATA = "shapes"
 # Seed spread of the default protocol (data=shapes, TRAIN_DEFAULTS, the yolov8 variants): the std of mAP50-95 over
