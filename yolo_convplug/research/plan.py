@@ -33,8 +33,8 @@ TRAIN_DEFAULTS = dict(
     val=True,
     verbose=False,
 )
-# Fine-tuning (pretrained=WEIGHTS) must keep the start: the settings above (lr0 0.003 after a warm-up whose bias
-# learning rate starts at Ultralytics' warmup_bias_lr=0.1) wipe much of it in the first epoch. These replace them
+# Fine-tuning (pretrained=WEIGHTS) must keep the start: the settings above (AdamW at lr0 0.003, with or without the
+# warm-up) wipe much of it in the first epoch. These replace them
 # when fine-tuning (any can be overridden with key=value), chosen so that the baseline's first-epoch validation stays
 # within 5% of the stock model's (the README's "Two protocols" gives the measurements).
 FINETUNE_DEFAULTS = dict(TRAIN_DEFAULTS, epochs=10, lr0=0.0005, lrf=1.0, warmup_epochs=0)
