@@ -224,9 +224,9 @@ def _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_thr
     return rows
 
 
-# Minutes per default run on a 2-core CPU: from an idle machine (the 7 default variants in 13.5 minutes) to one
-# shared with other jobs (SAConv2d's runs up to 4 minutes).
-RUN_MINUTES = (1.9, 4)
+# Minutes per default run on a 2-core CPU: from an idle machine (the 7 variants of 0.2.0 in 13.5 minutes) to one
+# shared with other jobs, where the slowest training steps (DiverseBranchBlock's, up to 2x the baseline's) take 5.
+RUN_MINUTES = (1.9, 5)
 HELP = """\
 Train the baseline and module variants with identical settings and seeds; write a table and a plot.
 
@@ -247,7 +247,7 @@ validation), results.png (mAP50-95 against CPU latency and GFLOPs), and runs/<va
 files and train.log. Rerunning the same command reuses finished runs (done.json) and redoes interrupted ones.
 
 Time: one run at the defaults (shapes: 256 train / 64 val images, imgsz 160, 20 epochs, batch 16) takes about
-{low_run} to {high_run} minutes on a 2-core CPU, depending on the CPU, the module (SAConv2d and ODConv are the slowest)
+{low_run} to {high_run} minutes on a 2-core CPU, depending on the CPU, the module (DiverseBranchBlock and DCNv2 train slowest)
 and other load, so the {n} default variants take about {low} to {high} minutes per seed. The console shows each
 epoch and the time left, measured from the epochs and runs done so far. On a GPU (device=0) an epoch takes seconds.
 The defaults suit short runs (AdamW lr0=0.003, lrf=0.2, one warm-up epoch, nbs=batch); for long runs on real data
