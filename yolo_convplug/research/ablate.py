@@ -249,9 +249,10 @@ files and train.log. Rerunning the same command reuses finished runs (done.json)
 Time: one run at the defaults (shapes: 256 train / 64 val images, imgsz 160, 20 epochs, batch 16) takes about
 {low_run} to {high_run} minutes on a 2-core CPU, depending on the CPU, the module (DiverseBranchBlock and DCNv2
 train slowest) and other load, so the {n} default variants take about {low} to {high} minutes per seed. The console
-shows each epoch and the time left, measured from the epochs and runs done so far. On a GPU (device=0) an epoch takes seconds.
-The defaults suit short runs (AdamW lr0=0.003, lrf=0.2, one warm-up epoch, nbs=batch); for long runs on real data
-pass e.g. data=coco128.yaml imgsz=640 epochs=100 optimizer=auto lrf=0.01 warmup_epochs=3 nbs=64, ideally on a GPU.
+shows each epoch and the time left, measured from the epochs and runs done so far. On a GPU (device=0) an epoch
+takes seconds. The defaults suit short runs (AdamW lr0=0.003, lrf=0.2, one warm-up epoch, nbs=batch); for long runs
+on real data pass e.g. data=coco128.yaml imgsz=640 epochs=100 optimizer=auto lrf=0.01 warmup_epochs=3 nbs=64,
+ideally on a GPU.
 
 Examples:
   convplug ablate                                # all variants on shapes, from scratch
