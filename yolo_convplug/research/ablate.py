@@ -243,8 +243,9 @@ baseline seed by seed, and with the control.
 
 Outputs in --out: results.csv (one row per run), results.md (per variant: mean ± std over seeds, which variants
 differ from the baseline by more than their seed spread (fine-tuned: paired seed by seed, and against the control),
-and whether each best.pt reproduces its in-training validation), results.png (mAP50-95 against CPU latency and GFLOPs), and runs/<variant>/seed<k>/ with Ultralytics'
-files and train.log. Rerunning the same command reuses finished runs (done.json) and redoes interrupted ones.
+and whether each best.pt reproduces its in-training validation), results.png (mAP50-95 against CPU latency and
+GFLOPs), and runs/<variant>/seed<k>/ with Ultralytics' files and train.log. Rerunning the same command reuses
+finished runs (done.json) and redoes interrupted ones.
 
 Time: one run at the defaults (shapes: 256 train / 64 val images, imgsz 160, 20 epochs, batch 16) takes about
 {low_run} to {high_run} minutes on a 2-core CPU, depending on the CPU, the module (DiverseBranchBlock and DCNv2
