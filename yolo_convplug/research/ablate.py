@@ -150,16 +150,14 @@ def ablate(
 def _ablate(variants, data, out, seeds, scale, family, latency_runs, latency_threads, quiet, ray, cpus_per_run,
             gpus_per_run, keep_weights_on_worker, train_overrides) -> list[dict]:  # fmt: skip
     out = Path(out).resolve()
-    finetune = bool(pretrained_arg(train_overrides.get("pretrained")))
-    vs = [resolve_variant(v, family, scale) for v in (variants or default_variants(family, control=finetune))]
+    pretrained = pretrained_arg(train_overrides.get("pretrained"))  # None: from scratch
+    vs = [resolve_variant(v, family, scale) for v in (variants or default_variants(family, control=bool(pretrained)))]
     names = [v.name for v in vs]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got {names}")
     data_spec, data = data, resolve_data(data)
-    train_args = {**protocol_defaults(finetune), **train_overrides}
-    train_args["pretrained"] = pretrained_arg(train_args.get("pretrained")) or False
+    train_args = {**protocol_defaults(bool(pretrained)), **train_overrides, "pretrained": pretrained or False}
     train_args.setdefault("nbs", train_args["batch"])  # one optimizer step per batch (see TRAIN_DEFAULTS)
-    pretrained = train_args["pretrained"] or None
     kind = "finetune" if pretrained else "scratch"
     label = data_label(data_spec, data)
     transfer = check_inputs(vs[0], data, train_args)
