@@ -225,3 +225,15 @@ print("TRIALS", len(grid), "ERRORS", grid.num_errors)
         model = ckpt.get("ema") or ckpt["model"]  # 8.4 keeps only the EMA
         assert [type(m).__name__ for m in model.model].count("SAConv2d") == 3, w
 
+
+
+def test_time_left_counts_the_runs_the_cluster_holds_and_the_rest_of_those_in_flight():
+    """Just after a run ends, its successor may not have started yet: the estimate divides by the most runs seen at
+    once (2 here), not by the runs in flight at that moment (1), and counts only what is left of a started run."""
+    from yolo_convplug.research.execute import RayExecutor
+
+    now = time.perf_counter()
+    pending = {"a": 0, "b": 1, "c": 2}  # run 0 started 40 s ago, runs 1 and 2 queued; finished runs took 100 s
+    eta = RayExecutor._time_left([100.0], pending, {0: 1}, {0: now - 40}, at_once=2)
+    assert eta == ", ablation ~2:10 left"  # (60 + 100 + 100) / 2
+    assert RayExecutor._time_left([100.0], {}, {}, {}, at_once=2) == ""

@@ -274,12 +274,15 @@ class RayExecutor:
         seen: dict[int, int] = {}
         durations: list[float] = []
         shared: set[int] = set()  # runs that trained while another run trained on the same node
+        at_once = 1  # the most runs seen training at the same time: what the cluster holds
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.POLL_S)
                 starts, epochs = ray.get(board.read.remote())
                 self._report_starts(starts, seen, t0, jobs, progress)
-                shared |= self._sharing_a_node(starts, [i for i in pending.values() if i in seen])
+                running = [i for i in pending.values() if i in seen]
+                shared |= self._sharing_a_node(starts, running)
+                at_once = max(at_once, len(running))
                 for index, done, total, map5095 in epochs:
                     progress.log(f"{jobs[index][0]}: epoch {done}/{total}  mAP50-95 {map5095:.3f}")
                 for ref in ready:
@@ -298,7 +301,7 @@ class RayExecutor:
                         yield job, None, error
                         continue
                     durations.append(seconds)
-                    eta = self._time_left(durations, pending, seen)
+                    eta = self._time_left(durations, pending, seen, t0, at_once)
                     progress.log(
                         f"{head}: done in {seconds:.0f} s, mAP50 {row['mAP50']:.3f}, "
                         f"mAP50-95 {row['mAP50-95']:.3f}{eta}"
@@ -319,13 +322,15 @@ class RayExecutor:
         return {i for group in hosts.values() if len(group) > 1 for i in group}
 
     @staticmethod
-    def _time_left(durations: list[float], pending: dict, seen: dict) -> str:
-        """The ablation's time left: the mean finished run's duration times the runs still to end, over the runs
-        in flight at once."""
+    def _time_left(durations: list[float], pending: dict, seen: dict, t0: dict, at_once: int) -> str:
+        """The ablation's time left: the work still to do (a mean finished run for each queued run, the rest of one
+        for each run in flight) over ``at_once``, the most runs seen training together (the run that replaces a
+        finished one may not have started yet when this is computed)."""
         if not pending:
             return ""
-        in_flight = sum(index in seen for index in pending.values())
-        return f", ablation ~{clock(statistics.fmean(durations) * len(pending) / max(1, in_flight))} left"
+        mean, now = statistics.fmean(durations), time.perf_counter()
+        work = sum(max(0.0, mean - (now - t0.get(i, now))) if i in seen else mean for i in pending.values())
+        return f", ablation ~{clock(work / at_once)} left"
 
     @staticmethod
     def _report_starts(starts: dict, seen: dict, t0: dict, jobs, progress: Progress) -> None:
