@@ -226,7 +226,6 @@ print("TRIALS", len(grid), "ERRORS", grid.num_errors)
         assert [type(m).__name__ for m in model.model].count("SAConv2d") == 3, w
 
 
-
 def test_time_left_counts_the_runs_the_cluster_holds_and_the_rest_of_those_in_flight():
     """Just after a run ends, its successor may not have started yet: the estimate divides by the most runs seen at
     once (2 here), not by the runs in flight at that moment (1), and counts only what is left of a started run."""

@@ -329,7 +329,7 @@ class RayExecutor:
         if not pending:
             return ""
         mean, now = statistics.fmean(durations), time.perf_counter()
-        work = sum(max(0.0, mean - (now - t0.get(i, now))) if i in seen else mean for i in pending.values())
+        work = sum(max(0.0, mean - (now - t0[i])) if i in seen else mean for i in pending.values())
         return f", ablation ~{clock(work / at_once)} left"
 
     @staticmethod
