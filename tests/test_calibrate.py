@@ -15,7 +15,7 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
 import yolo_convplug
-from yolo_convplug.calibrate import reestimate_bn
+from yolo_convplug.calibrate import layer_io, reestimate_bn, relative_error
 from yolo_convplug.research.data import make_shapes
 
 PREFIX = "yolo-convplug calibration: "
@@ -77,6 +77,26 @@ def test_calibration_lowers_each_fitted_layers_error_and_leaves_the_rest_bit_ide
     for k, v in model.state_dict().items():
         if not k.startswith(tuple(f"model.{i}." for i in fitted)):
             assert torch.equal(v, state[k]), k
+
+
+def test_sequential_calibration_fits_each_layer_on_the_input_the_calibrated_model_gives_it():
+    """The single forward that fits each layer as its input arrives gives every layer the input of the model whose
+    earlier layers are already calibrated: its recorded error is its error on that input after calibration."""
+    stock = stock_model()
+    model = DetectionModel(mixed_yaml(), nc=4, verbose=False)
+    model.load(stock, verbose=False)
+    x = images()
+    yolo_convplug.calibrate(model, stock, x, steps=5, lr=3e-3)
+    fitted = [r for r in model._convplug_warm_start if "calibration" in r]
+    indices = [r["layer"] for r in fitted]
+    assert indices == [2, 4, 6, 8, 12, 15, 18, 21]
+    inputs, targets = layer_io(model, indices, x), layer_io(stock, indices, x)
+    for r in fitted:
+        i = r["layer"]
+        if i != indices[0]:  # the layers before the first one are the stock model's
+            assert not torch.equal(inputs[i][0], targets[i][0])  # the model's own input, not the stock layer's
+        error = relative_error(model.model[i], inputs[i][0], targets[i][1])
+        assert error == pytest.approx(r["calibration"]["error_after"], rel=1e-5), i
 
 
 def test_a_layer_whose_error_grows_is_restored_and_the_line_says_so():

@@ -7,8 +7,9 @@ hooks), then minimises the normalised output error ``||f(x) - y_stock||^2 / ||y_
 Adam steps in eval mode (BN a fixed affine, so the stock statistics of copied parts stay valid), and finally
 re-estimates the layer's BN running statistics on the same inputs, folding the change into each BN's affine so the
 fitted function is kept. With ``sequential=True`` (default) a layer's input ``x`` is what the partly calibrated
-model itself feeds it, so earlier layers' remaining errors are compensated instead of compounding with depth; with
-``False`` it is the stock layer's input. A fit that does not lower the error is retried once at a tenth of the
+model itself feeds it, so earlier layers' remaining errors are compensated instead of compounding with depth (one
+forward of the model, a pre-hook fitting each layer as its input arrives); with ``False`` it is the stock layer's
+input. A fit that does not lower the error is retried once at a tenth of the
 learning rate; a layer whose error still does not drop is restored as it was.
 
 :func:`install` adds :func:`on_pretrain_routine_end` to Ultralytics' default callbacks (the start-up hook calls it),
@@ -155,14 +156,15 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
     targets = layer_io(stock, indices, images)
     training = model.training
     lines = []
-    for i in indices:
+
+    def fit(i: int, x: torch.Tensor) -> None:
+        """Fit layer ``i`` on its input ``x`` to the stock layer's output; append its line, update its record."""
         t = time.perf_counter()
         layer, name = model.model[i], type(model.model[i]).__name__
-        x = layer_io(model, [i], images)[i][0] if sequential else targets[i][0]
         y = targets[i][1]
         if not isinstance(y, torch.Tensor) or layer.eval()(x[:1]).shape[1:] != y.shape[1:]:
             lines.append(f"layer {i} {name}: not calibrated (its output shape differs from the stock layer's)")
-            continue
+            return
         saved = copy.deepcopy(layer.state_dict())
         before = relative_error(layer, x, y)
         for rate in (lr, lr / 10):  # a fit that diverges is retried once at a tenth of the rate
@@ -186,6 +188,24 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
                                      "steps": steps, "seconds": seconds, "kept": kept, "sequential": sequential}
             if kept:
                 record["outcome"] = "calibrated"
+
+    if sequential:  # one forward of the model: each layer is fitted when its input arrives, before it runs
+        def on_input(i):
+            def hook(module, args):
+                hooks.pop(i).remove()  # first: the fit itself calls the layer
+                fit(i, args[0])
+            return hook
+
+        hooks = {i: model.model[i].register_forward_pre_hook(on_input(i)) for i in indices}
+        try:
+            with torch.no_grad():
+                model.eval()(images)
+        finally:
+            for h in hooks.values():
+                h.remove()
+    else:
+        for i in indices:
+            fit(i, targets[i][0])
     model.train(training)
     return lines
 
