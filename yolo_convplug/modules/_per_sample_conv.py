@@ -1,0 +1,68 @@
+"""The per-sample convolution as one opaque operator for ``torch.compile``.
+
+Eager PyTorch convolves a batch with one kernel per sample as a single grouped convolution (the batch folded into
+the channels, ``groups = B * g``). Inductor cannot lower a ``groups`` that depends on a dynamic batch, and the
+im2col + batched-matmul form that it can compile materialises a ``k * k`` times larger input (2.5x the stock
+layer's time at 64 channels @80). Registered as a custom operator (``torch.library.custom_op``) with a shape-only
+fake and a backward that is itself an operator, the grouped convolution stays one oneDNN call inside a compiled
+graph, whose shapes follow the batch symbolically.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("yolo_convplug::per_sample_conv", mutates_args=())
+def per_sample_conv(x: torch.Tensor, kernels: torch.Tensor, stride: int, padding: int, dilation: int,
+                    groups: int) -> torch.Tensor:
+    """Convolve sample ``b`` of ``x`` (B, c1, H, W) with ``kernels[b]`` (B, c2, c1/g, k, k): (B, c2, H', W')."""
+    b, c1, h, w = x.shape
+    c2 = kernels.shape[1]
+    y = F.conv2d(x.reshape(1, b * c1, h, w), kernels.reshape(b * c2, *kernels.shape[2:]), None, stride, padding,
+                 dilation, b * groups)
+    return y.reshape(b, c2, y.shape[2], y.shape[3])
+
+
+@per_sample_conv.register_fake
+def _(x, kernels, stride, padding, dilation, groups):
+    k = kernels.shape[-1]
+    size = [_out_size(n, k, stride, padding, dilation) for n in x.shape[2:]]
+    return x.new_empty(x.shape[0], kernels.shape[1], *size)
+
+
+@torch.library.custom_op("yolo_convplug::per_sample_conv_backward", mutates_args=())
+def per_sample_conv_backward(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, stride: int, padding: int,
+                             dilation: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`per_sample_conv` for ``x`` and ``kernels``: one grouped convolution backward."""
+    b, c1, h, w = x.shape
+    c2 = kernels.shape[1]
+    gx, gk, _ = torch.ops.aten.convolution_backward(
+        grad.reshape(1, b * c2, grad.shape[2], grad.shape[3]), x.reshape(1, b * c1, h, w),
+        kernels.reshape(b * c2, *kernels.shape[2:]), None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0],
+        b * groups, [True, True, False])
+    return gx.reshape_as(x), gk.reshape_as(kernels)
+
+
+@per_sample_conv_backward.register_fake
+def _(grad, x, kernels, stride, padding, dilation, groups):
+    return torch.empty_like(x), torch.empty_like(kernels)
+
+
+def _setup_context(ctx, inputs, output):
+    x, kernels, *ctx.conv_args = inputs
+    ctx.save_for_backward(x, kernels)
+
+
+def _backward(ctx, grad):
+    x, kernels = ctx.saved_tensors
+    gx, gk = per_sample_conv_backward(grad.contiguous(), x, kernels, *ctx.conv_args)
+    return gx, gk, None, None, None, None
+
+
+per_sample_conv.register_autograd(_backward, setup_context=_setup_context)
