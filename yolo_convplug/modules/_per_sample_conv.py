@@ -14,25 +14,33 @@ import torch
 import torch.nn.functional as F
 
 
-def _out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
+def out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    """Output side of a convolution over a side of ``n`` pixels."""
     return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def grouped_conv(x: torch.Tensor, kernels: torch.Tensor, stride: int, padding: int, dilation: int, groups: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Convolve sample ``b`` of ``x`` (B, c1, H, W) with ``kernels[b]`` (B, c2, c1/g, k, k), plus an optional
+    per-channel ``bias`` (c2): one grouped convolution with the batch folded into the channels, (B, c2, H', W')."""
+    b, c1, h, w = x.shape
+    c2 = kernels.shape[1]
+    y = F.conv2d(x.reshape(1, b * c1, h, w), kernels.reshape(b * c2, *kernels.shape[2:]),
+                 None if bias is None else bias.repeat(b), stride, padding, dilation, b * groups)
+    return y.reshape(b, c2, y.shape[2], y.shape[3])
 
 
 @torch.library.custom_op("yolo_convplug::per_sample_conv", mutates_args=())
 def per_sample_conv(x: torch.Tensor, kernels: torch.Tensor, stride: int, padding: int, dilation: int,
                     groups: int) -> torch.Tensor:
-    """Convolve sample ``b`` of ``x`` (B, c1, H, W) with ``kernels[b]`` (B, c2, c1/g, k, k): (B, c2, H', W')."""
-    b, c1, h, w = x.shape
-    c2 = kernels.shape[1]
-    y = F.conv2d(x.reshape(1, b * c1, h, w), kernels.reshape(b * c2, *kernels.shape[2:]), None, stride, padding,
-                 dilation, b * groups)
-    return y.reshape(b, c2, y.shape[2], y.shape[3])
+    """:func:`grouped_conv` without bias, opaque to the compiler."""
+    return grouped_conv(x, kernels, stride, padding, dilation, groups)
 
 
 @per_sample_conv.register_fake
 def _(x, kernels, stride, padding, dilation, groups):
     k = kernels.shape[-1]
-    size = [_out_size(n, k, stride, padding, dilation) for n in x.shape[2:]]
+    size = [out_size(n, k, stride, padding, dilation) for n in x.shape[2:]]
     return x.new_empty(x.shape[0], kernels.shape[1], *size)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ultralytics.nn.modules.conv import autopad
 
-from ._per_sample_conv import per_sample_conv
+from ._per_sample_conv import grouped_conv, out_size, per_sample_conv
 from ._stock import copy_bn, stock_conv_bn
 from ._utils import check_conv_args, require_int, require_number, resolve_act
 
@@ -75,24 +75,19 @@ class DynamicKernelConv(nn.Module):
 
     def dynamic_conv(self, x, bias=None):
         """Convolve every sample with its own kernel ``kernels(x)[b]`` (plus an optional per-channel bias)."""
-        b, _, h, w = x.shape
         kernels = self.kernels(x)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return self._unfold_conv(x, kernels, bias)
+        kernels = kernels.reshape(len(x), self.c2, self.c1 // self.g, self.k, self.k)
         if torch.compiler.is_compiling():  # one opaque operator: inductor cannot lower groups = B for a dynamic B
-            kernels = kernels.reshape(b, self.c2, self.c1 // self.g, self.k, self.k)
             y = per_sample_conv(x, kernels, self.s, self.p, self.d, self.g)
             return y if bias is None else y + bias.reshape(1, -1, 1, 1)
-        kernels = kernels.reshape(b * self.c2, self.c1 // self.g, self.k, self.k)
-        y = F.conv2d(x.reshape(1, b * self.c1, h, w), kernels, None if bias is None else bias.repeat(b),
-                     self.s, self.p, self.d, b * self.g)
-        return y.reshape(b, self.c2, y.shape[2], y.shape[3])
+        return grouped_conv(x, kernels, self.s, self.p, self.d, self.g, bias)
 
     def _unfold_conv(self, x, kernels, bias):
         """Same product as im2col + batched matmul: a graph without batch-size constants (for tracing/export)."""
         b, _, h, w = x.shape
-        ho = (h + 2 * self.p - self.d * (self.k - 1) - 1) // self.s + 1
-        wo = (w + 2 * self.p - self.d * (self.k - 1) - 1) // self.s + 1
+        ho, wo = (out_size(n, self.k, self.s, self.p, self.d) for n in (h, w))
         cols = F.unfold(x, self.k, self.d, self.p, self.s).reshape(b, self.g, -1, ho * wo)  # (B, g, c1/g·k·k, L)
         y = (kernels.reshape(b, self.g, self.c2 // self.g, -1) @ cols).reshape(b, self.c2, ho, wo)
         return y if bias is None else y + bias.reshape(1, -1, 1, 1)
