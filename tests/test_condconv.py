@@ -189,20 +189,19 @@ def test_inductor_compiles_a_dynamic_batch_once_and_matches_eager(cls):
 
 
 @pytest.mark.slow
-def test_a_whole_dynamic_conv_model_trains_compiled_with_a_dynamic_batch():
-    """Ultralytics' compile=True on yolov8n-condconv: the model compiles with a dynamic batch (the im2col form failed
-    in inductor at map sizes that are symbolic), trains, and its outputs match eager at a second batch size."""
-    from torch.utils._pytree import tree_leaves
-    from ultralytics.nn.tasks import DetectionModel
-
+@pytest.mark.parametrize("cls", [CondConv, ODConv], ids=lambda c: c.__name__)
+def test_a_dynamic_conv_feeding_a_conv_trains_compiled_with_symbolic_map_sizes(cls):
+    """Ultralytics' compile=True on yolov8n-condconv failed in inductor (the im2col form: "cannot determine truth
+    value of Relational" on the next layer's input size) wherever a strided dynamic conv feeds a 1x1 Conv, as layer 7
+    feeds C2f and SPPF. This is that failure's smallest form (it failed in 10 s where the whole model took 8 min):
+    it compiles with a symbolic batch and map size, trains, and matches eager at a second batch size."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = DetectionModel("yolov8n-condconv.yaml", nc=4, verbose=False)
-    compiled = torch.compile(model, dynamic=True)
+    m = torch.nn.Sequential(cls(8, 64, 3, 2), Conv(64, 64, 1))
+    compiled = torch.compile(m, dynamic=True)
     for b in (2, 3):
-        x = torch.rand(b, 3, 64, 64)
-        out = [t for t in tree_leaves(compiled(x)) if isinstance(t, torch.Tensor)]
-        sum(t.float().sum() for t in out).backward()
-        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
-    eager = [t for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
-    assert len(out) == len(eager) and all(rel_err(a, e) < 1e-3 for a, e in zip(out, eager))
+        x = torch.rand(b, 8, 4, 4)
+        y = compiled(x)
+        y.sum().backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters() if p.requires_grad)
+    assert rel_err(y, m(x)) < 1e-4
