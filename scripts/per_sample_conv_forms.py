@@ -6,18 +6,19 @@ routing, BN and activation.
 
 Forms: one grouped convolution with the batch folded into the channels (what the modules run), a loop of batch-1
 dense convolutions, and im2col + batched matmul (what they export). Each ratio is fwd+bwd (input and kernel
-gradients) unless marked fwd, timed interleaved with the dense convolution in one run, on one thread.
+gradients, from fresh gradients) unless marked fwd, timed interleaved with the dense convolution in one run
+(``median_ms``, as ``convplug bench``), on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-from yolo_convplug.modules._per_sample_conv import grouped_conv
+from yolo_convplug.modules._per_sample_conv import grouped_conv, out_size
+from yolo_convplug.research.measure import median_ms, torch_threads
 
 SHAPES = [(64, 1, 80), (128, 2, 40), (256, 1, 20)]  # (channels, stride, map side): convplug bench's shapes
 
@@ -28,14 +29,24 @@ def forms(c: int, s: int, size: int, batch: int) -> dict:
     weight = torch.randn(c, c, 3, 3, requires_grad=True)
     kernels = torch.randn(batch, c, c, 3, 3, requires_grad=True)
     flat = kernels.detach().reshape(batch, c, -1).requires_grad_()
-    side = (size - 1) // s + 1
+    side = out_size(size, 3, s, 1, 1)
     grad = torch.randn(batch, c, side, side)
+
+    def backward(forward):
+        """A fwd+bwd step of ``forward`` from fresh gradients, as after ``zero_grad(set_to_none=True)``."""
+
+        def step():
+            x.grad = weight.grad = kernels.grad = flat.grad = None
+            forward().backward(grad)
+
+        return step
+
     return {
-        "dense": lambda: F.conv2d(x, weight, None, s, 1).backward(grad),
-        "grouped": lambda: grouped_conv(x, kernels, s, 1, 1, 1).backward(grad),
-        "per-sample loop": lambda: torch.cat([F.conv2d(x[i : i + 1], kernels[i], None, s, 1) for i in range(batch)])
-        .backward(grad),
-        "im2col+bmm": lambda: (flat @ F.unfold(x, 3, 1, 1, s)).view(batch, c, side, side).backward(grad),
+        "dense": backward(lambda: F.conv2d(x, weight, None, s, 1)),
+        "grouped": backward(lambda: grouped_conv(x, kernels, s, 1, 1, 1)),
+        "per-sample loop": backward(lambda: torch.cat([F.conv2d(x[i : i + 1], kernels[i], None, s, 1)
+                                                       for i in range(batch)])),
+        "im2col+bmm": backward(lambda: (flat @ F.unfold(x, 3, 1, 1, s)).view(batch, c, side, side)),
         "fwd dense": lambda: F.conv2d(x.detach(), weight.detach(), None, s, 1),
         "fwd grouped": lambda: grouped_conv(x.detach(), kernels.detach(), s, 1, 1, 1),
     }
@@ -46,21 +57,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=12, help="timed rounds; the median is reported")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    for c, s, size in SHAPES:
-        timed = forms(c, s, size, args.batch)
-        for f in timed.values():  # warm-up
-            f()
-        times = {name: [] for name in timed}
-        for _ in range(args.repeats):
-            for name, f in timed.items():
-                t0 = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t0)
-        median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-        ratios = ", ".join(f"{name} {t / median['dense']:.2f}" for name, t in median.items() if name != "dense")
-        print(f"({c},{c},3,{s})@{size}, batch {args.batch}: dense fwd+bwd {median['dense'] * 1e3:.0f} ms; {ratios}")
-
+    with torch_threads(1):
+        for c, s, size in SHAPES:
+            median = median_ms(forms(c, s, size, args.batch), args.repeats)
+            ratios = ", ".join(f"{name} {t / median['dense']:.2f}" for name, t in median.items() if name != "dense")
+            print(f"({c},{c},3,{s})@{size}, batch {args.batch}: dense fwd+bwd {median['dense']:.0f} ms; {ratios}")
 
 if __name__ == "__main__":
     main()
