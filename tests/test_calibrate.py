@@ -99,6 +99,24 @@ def test_sequential_calibration_fits_each_layer_on_the_input_the_calibrated_mode
         assert error == pytest.approx(r["calibration"]["error_after"], rel=1e-5), i
 
 
+def test_steps_default_to_each_layers_class_and_an_explicit_count_overrides_them(monkeypatch):
+    """Without ``steps`` a layer gets its class's ``calibration_steps`` (C2f_Faster sets one), else DEFAULT_STEPS
+    (ScConv); ``steps=N`` applies to every layer. Both are shrunk here so the test stays fast."""
+    from yolo_convplug.modules.faster import C2f_Faster
+
+    monkeypatch.setattr(C2f_Faster, "calibration_steps", 3)
+    monkeypatch.setattr(yolo_convplug.calibrate, "DEFAULT_STEPS", 2)
+    stock = stock_model()
+    for yaml, default in (("yolov8-c2f-faster.yaml", "3"), ("yolov8-scconv.yaml", "2")):
+        for steps, expected in ((None, default), (4, "4")):
+            model = DetectionModel(scaled(CFG_MODELS / yaml), nc=4, verbose=False)
+            model.load(stock, verbose=False)
+            lines = yolo_convplug.calibrate(model, stock, images(), steps=steps, lr=3e-3)
+            assert lines and all(LINE.fullmatch(line).group(6) == expected for line in lines), (yaml, steps, lines)
+            assert {r["calibration"]["steps"] for r in model._convplug_warm_start if "calibration" in r} == {
+                int(expected)}
+
+
 def test_a_layer_whose_error_grows_is_restored_and_the_line_says_so():
     stock = stock_model()
     model = DetectionModel(scaled(CFG_MODELS / "yolov8-c2f-faster.yaml"), nc=4, verbose=False)
@@ -182,3 +200,28 @@ def test_cli_train_from_stock_checkpoint_calibrates_before_the_first_epoch(enabl
     assert all(LINE.fullmatch(line).group(5, 6) == ("4", "5") for line in lines)
     assert out.index(PREFIX) > out.index("yolo-convplug warm start: layer 19 ScConv")  # after the load summary
     assert out.index(PREFIX) < out.index("Starting training")
+
+
+@pytest.mark.slow
+def test_warm_start_check_reports_the_calibrated_start_reproducibly_per_seed(tiny_stock, capsys):
+    """``scripts/warm_start_check.py --calibrate-steps N --seed S``: one row per model with its calibrated mAP and
+    one calibration line per fitted layer; the same seed gives the same table (the initialisation is seeded)."""
+    from yolo_convplug.research import conversion
+
+    weights, data = tiny_stock
+    args = [str(weights), "yolov8n-c2f-faster.yaml", "--data", str(data), "--imgsz", "64", "--calibrate-steps", "3",
+            "--calibrate-images", "4", "--seed", "1"]
+
+    def table() -> list[str]:
+        assert conversion.main(args) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| yolov8n", "yolov8n"))]
+
+    first = table()
+    row = next(line for line in first if line.startswith("| yolov8n-c2f-faster |"))
+    assert len(row.split("|")) == 9, row  # model, loaded, vs stock, calibrated, vs stock, seconds, layer errors
+    fitted = [line for line in first if line.startswith("yolov8n-c2f-faster: layer ")]
+    assert [int(re.search(r"layer (\d+) C2f_Faster: ", line).group(1)) for line in fitted] == [2, 4, 6, 8, 12, 15,
+                                                                                               18, 21], fitted
+    assert all(re.search(r"4 images, 3 steps, ", line) for line in fitted), fitted  # kept or not, each says so
+    strip = re.compile(r"\d+\.\d s\)|\| \d+\.\d \|")  # timings differ between runs
+    assert [strip.sub("", line) for line in table()] == [strip.sub("", line) for line in first]

@@ -15,7 +15,8 @@ learning rate; a layer whose error still does not drop is restored as it was.
 :func:`install` adds :func:`on_pretrain_routine_end` to Ultralytics' default callbacks (the start-up hook calls it),
 so ``yolo train model=<plug-in yaml> pretrained=<stock .pt>`` calibrates once, after the data loader is built and
 before the first epoch, on ``YOLO_CONVPLUG_CALIBRATE_IMAGES`` training images (default 32) with
-``YOLO_CONVPLUG_CALIBRATE_STEPS`` steps per layer (default 100); ``YOLO_CONVPLUG_CALIBRATE=0`` turns it off.
+``YOLO_CONVPLUG_CALIBRATE_STEPS`` steps per layer (default: each layer's :func:`default_steps`);
+``YOLO_CONVPLUG_CALIBRATE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = D
     reestimate_bn(layer, x)
 
 
+def default_steps(layer) -> int:
+    """Adam steps for ``layer`` when none are given: its class's ``calibration_steps`` (a module whose fit needs more,
+    such as ``C2f_Faster``, sets it beside its class), else ``DEFAULT_STEPS``."""
+    return getattr(type(layer), "calibration_steps", DEFAULT_STEPS)
+
+
 def pending_layers(model, stock) -> list[int]:
     """Indices of the plug-in layers to calibrate: warm-start outcome approximate or fresh, with a stock layer at the
     same index of the class the module replaces (another architecture's layer gives no target)."""
@@ -125,7 +132,7 @@ def pending_layers(model, stock) -> list[int]:
     return out
 
 
-def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+def calibrate(model, stock, images: torch.Tensor, steps: int | None = None, lr: float = DEFAULT_LR,
               sequential: bool = True, layers: list[int] | None = None) -> list[str]:
     """Fit every plug-in layer of ``model`` that has no exact conversion to the stock layer at its index.
 
@@ -133,7 +140,7 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
         model: a plug-in DetectionModel already loaded from ``stock`` (``model.load(stock)``, ``pretrained=``).
         stock: the stock DetectionModel (float); only read.
         images: a float (B, 3, H, W) batch in [0, 1], on the models' device.
-        steps: Adam steps per layer.
+        steps: Adam steps per layer; None gives each layer its :func:`default_steps`.
         lr: Adam learning rate.
         sequential: fit each layer on the input the partly calibrated ``model`` gives it (True) or on the stock
             layer's input (False).
@@ -147,7 +154,7 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
     if not (is_batch and images.is_floating_point()):
         raise ValueError(f"calibrate: images must be a float (B, 3, H, W) batch in [0, 1], got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
-    if not isinstance(steps, int) or steps < 1:
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"calibrate: steps={steps!r} is not valid; use an integer >= 1, e.g. {DEFAULT_STEPS}")
     indices = pending_layers(model, stock) if layers is None else list(layers)
     if not indices:
@@ -165,18 +172,19 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
         if not isinstance(y, torch.Tensor) or layer.eval()(x[:1]).shape[1:] != y.shape[1:]:
             lines.append(f"layer {i} {name}: not calibrated (its output shape differs from the stock layer's)")
             return
+        n_steps = default_steps(layer) if steps is None else steps
         saved = copy.deepcopy(layer.state_dict())
         before = relative_error(layer, x, y)
         for rate in (lr, lr / 10):  # a fit that diverges is retried once at a tenth of the rate
             with torch.enable_grad():
-                fit_layer(layer, x, y, steps, rate)
+                fit_layer(layer, x, y, n_steps, rate)
             after = relative_error(layer, x, y)
             kept = after < before
             if kept:
                 break
             layer.load_state_dict(saved)
         seconds = time.perf_counter() - t
-        how = f"{len(images)} images, {steps} steps, {seconds:.1f} s"
+        how = f"{len(images)} images, {n_steps} steps, {seconds:.1f} s"
         if kept:
             lines.append(f"layer {i} {name}: calibrated, error {before:.3f} -> {after:.3f} ({how})")
         else:
@@ -185,7 +193,7 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
         record = records.get(i)
         if record is not None:
             record["calibration"] = {"error_before": before, "error_after": after, "images": len(images),
-                                     "steps": steps, "seconds": seconds, "kept": kept, "sequential": sequential}
+                                     "steps": n_steps, "seconds": seconds, "kept": kept, "sequential": sequential}
             if kept:
                 record["outcome"] = "calibrated"
 
@@ -210,12 +218,13 @@ def calibrate(model, stock, images: torch.Tensor, steps: int = DEFAULT_STEPS, lr
     return lines
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     value = os.environ.get(name, "")
     if not value:
         return default
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r} is not valid; use an integer >= 1 (default {default})")
+        unset = f"default {default}" if default is not None else "or leave it unset for each layer's default"
+        raise ValueError(f"{name}={value!r} is not valid; use an integer >= 1 ({unset})")
     return int(value)
 
 
@@ -249,7 +258,7 @@ def on_pretrain_routine_end(trainer) -> None:
         load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
         stock = load(weights)[0].float().to(trainer.device).eval()
         images = training_images(trainer.train_loader, _env_int("YOLO_CONVPLUG_CALIBRATE_IMAGES", DEFAULT_IMAGES))
-        steps = _env_int("YOLO_CONVPLUG_CALIBRATE_STEPS", DEFAULT_STEPS)
+        steps = _env_int("YOLO_CONVPLUG_CALIBRATE_STEPS", None)  # unset: each layer's default_steps
         for line in calibrate(model, stock, images.to(trainer.device), steps=steps):
             LOGGER.info(f"yolo-convplug calibration: {line}")
     if RANK != -1 and torch.distributed.is_initialized():  # every rank starts from rank 0's calibrated weights

@@ -57,11 +57,13 @@ def validate(model, data: str, imgsz: int) -> float:
     return float(validator(model=copy.deepcopy(model))["metrics/mAP50-95(B)"])
 
 
-def check(weights: str, models: list[str], data: str, imgsz: int = 160, calibrate_steps: int = 0,
-          calibrate_images: int = 32, sequential: bool = True) -> list[dict]:
+def check(weights: str, models: list[str], data: str, imgsz: int = 160, calibrate_steps: int | None = 0,
+          calibrate_images: int = 32, sequential: bool = True, seed: int = 0) -> list[dict]:
     """For each model YAML: mAP50-95 after conversion (no training) vs the stock checkpoint's, and layer errors;
-    with ``calibrate_steps`` > 0 also after calibrating on the first ``calibrate_images`` training images
-    (``mAP50-95 calibrated``, ``calibration``: the summary lines, ``calibrate_s``: the time it took)."""
+    unless ``calibrate_steps`` is 0 also after calibrating on the first ``calibrate_images`` training images with
+    that many steps per layer (None: each layer's default, as ``yolo train`` calibrates) (``mAP50-95 calibrated``,
+    ``calibration``: the summary lines, ``calibrate_s``: the time it took). ``seed`` seeds torch before each
+    model is built, so the plug-in layers' random initialisation (what a conversion leaves) is reproducible."""
     import time
 
     from ultralytics.nn import tasks
@@ -71,13 +73,15 @@ def check(weights: str, models: list[str], data: str, imgsz: int = 160, calibrat
     load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
     stock = load(weights)[0].float().eval()
     images = load_images(data, imgsz=imgsz)
-    train_images = load_images(data, calibrate_images, imgsz, "train") if calibrate_steps else None
+    calibrating = calibrate_steps != 0
+    train_images = load_images(data, calibrate_images, imgsz, "train") if calibrating else None
     rows = [{"model": Path(weights).name, "mAP50-95": validate(stock, data, imgsz), "layers": {}}]
     for yaml_name in models:
+        torch.manual_seed(seed)
         model = converted_model(yaml_name, stock)
         row = {"model": Path(yaml_name).stem, "mAP50-95": validate(model, data, imgsz),
                "layers": layer_errors(stock, model, images)}
-        if calibrate_steps:
+        if calibrating:
             t = time.perf_counter()
             row["calibration"] = calibrate(model, stock, train_images, steps=calibrate_steps, sequential=sequential)
             row["calibrate_s"] = time.perf_counter() - t
@@ -101,15 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the data YAML the checkpoint was trained on")
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--scale", default="n")
-    p.add_argument("--calibrate-steps", type=int, default=0,
-                   help="also calibrate each model (yolo_convplug.calibrate) with this many Adam steps per layer")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also calibrate each model (yolo_convplug.calibrate) as yolo train ... pretrained= does")
+    p.add_argument("--calibrate-steps", type=int, default=None,
+                   help="Adam steps per layer of --calibrate (implies it; default: each layer's own, 100 for most, "
+                   "200 for C2f_Faster)")
     p.add_argument("--calibrate-images", type=int, default=32, help="training images used by the calibration")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of each model's initialisation (default 0)")
     p.add_argument("--stock-inputs", action="store_true",
                    help="calibrate each layer on the stock layer's inputs instead of the partly calibrated model's")
     a = p.parse_args(argv)
     models = a.models or [resolve_variant(slug, scale=a.scale).model for slug in slugs()]
-    rows = check(a.weights, models, a.data, a.imgsz, a.calibrate_steps, a.calibrate_images, not a.stock_inputs)
+    steps = a.calibrate_steps if a.calibrate_steps is not None else (None if a.calibrate else 0)
+    rows = check(a.weights, models, a.data, a.imgsz, steps, a.calibrate_images, not a.stock_inputs, a.seed)
     base = rows[0]["mAP50-95"]
+
+    def vs_stock(m: float) -> str:
+        return f"{m / base:.2f}x" if base > 0 else "-"  # a stock model that detects nothing has no ratio
+
     calibrated = any("calibration" in r for r in rows)
     extra = " calibrated | vs stock | calibration s |" if calibrated else ""
     print(f"| model | mAP50-95 before fine-tuning | vs stock |{extra} converted layers: relative error |")
@@ -119,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         cal = ""
         if calibrated:
             m = r.get("mAP50-95 calibrated", r["mAP50-95"])
-            cal = f" {m:.3f} | {m / base:.2f}x | {r.get('calibrate_s', 0.0):.1f} |"
-        print(f"| {r['model']} | {r['mAP50-95']:.3f} | {r['mAP50-95'] / base:.2f}x |{cal} {layers} |")
+            cal = f" {m:.3f} | {vs_stock(m)} | {r.get('calibrate_s', 0.0):.1f} |"
+        print(f"| {r['model']} | {r['mAP50-95']:.3f} | {vs_stock(r['mAP50-95'])} |{cal} {layers} |")
     for r in rows:
         for line in r.get("calibration", ()):
             print(f"{r['model']}: {line}")
