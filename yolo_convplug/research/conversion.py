@@ -57,11 +57,12 @@ def validate(model, data: str, imgsz: int) -> float:
     return float(validator(model=copy.deepcopy(model))["metrics/mAP50-95(B)"])
 
 
-def check(weights: str, models: list[str], data: str, imgsz: int = 160, calibrate_steps: int | None = 0,
-          calibrate_images: int = 32, sequential: bool = True, seed: int = 0) -> list[dict]:
+def check(weights: str, models: list[str], data: str, imgsz: int = 160, with_calibration: bool = False,
+          calibrate_steps: int | None = None, calibrate_images: int = 32, sequential: bool = True,
+          seed: int = 0) -> list[dict]:
     """For each model YAML: mAP50-95 after conversion (no training) vs the stock checkpoint's, and layer errors;
-    unless ``calibrate_steps`` is 0 also after calibrating on the first ``calibrate_images`` training images with
-    that many steps per layer (None: each layer's default, as ``yolo train`` calibrates) (``mAP50-95 calibrated``,
+    with ``with_calibration`` also after calibrating on the first ``calibrate_images`` training images with
+    ``calibrate_steps`` per layer (None: each layer's default, as ``yolo train`` calibrates) (``mAP50-95 calibrated``,
     ``calibration``: the summary lines, ``calibrate_s``: the time it took). ``seed`` seeds torch before each
     model is built, so the plug-in layers' random initialisation (what a conversion leaves) is reproducible."""
     import time
@@ -73,15 +74,14 @@ def check(weights: str, models: list[str], data: str, imgsz: int = 160, calibrat
     load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
     stock = load(weights)[0].float().eval()
     images = load_images(data, imgsz=imgsz)
-    calibrating = calibrate_steps != 0
-    train_images = load_images(data, calibrate_images, imgsz, "train") if calibrating else None
+    train_images = load_images(data, calibrate_images, imgsz, "train") if with_calibration else None
     rows = [{"model": Path(weights).name, "mAP50-95": validate(stock, data, imgsz), "layers": {}}]
     for yaml_name in models:
         torch.manual_seed(seed)
         model = converted_model(yaml_name, stock)
         row = {"model": Path(yaml_name).stem, "mAP50-95": validate(model, data, imgsz),
                "layers": layer_errors(stock, model, images)}
-        if calibrating:
+        if with_calibration:
             t = time.perf_counter()
             row["calibration"] = calibrate(model, stock, train_images, steps=calibrate_steps, sequential=sequential)
             row["calibrate_s"] = time.perf_counter() - t
@@ -108,16 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", action="store_true",
                    help="also calibrate each model (yolo_convplug.calibrate) as yolo train ... pretrained= does")
     p.add_argument("--calibrate-steps", type=int, default=None,
-                   help="Adam steps per layer of --calibrate (implies it; default: each layer's own, 100 for most, "
-                   "200 for C2f_Faster)")
+                   help="Adam steps per layer of --calibrate (a count > 0 implies it; default: each layer's own, "
+                   "100 for most, 200 for C2f_Faster)")
     p.add_argument("--calibrate-images", type=int, default=32, help="training images used by the calibration")
     p.add_argument("--seed", type=int, default=0, help="torch seed of each model's initialisation (default 0)")
     p.add_argument("--stock-inputs", action="store_true",
                    help="calibrate each layer on the stock layer's inputs instead of the partly calibrated model's")
     a = p.parse_args(argv)
     models = a.models or [resolve_variant(slug, scale=a.scale).model for slug in slugs()]
-    steps = a.calibrate_steps if a.calibrate_steps is not None else (None if a.calibrate else 0)
-    rows = check(a.weights, models, a.data, a.imgsz, steps, a.calibrate_images, not a.stock_inputs, a.seed)
+    rows = check(a.weights, models, a.data, a.imgsz, a.calibrate or bool(a.calibrate_steps), a.calibrate_steps,
+                 a.calibrate_images, not a.stock_inputs, a.seed)
     base = rows[0]["mAP50-95"]
 
     def vs_stock(m: float) -> str:
