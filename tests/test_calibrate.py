@@ -15,7 +15,7 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
 import yolo_convplug
-from yolo_convplug.calibrate import layer_io, reestimate_bn, relative_error
+from yolo_convplug.calibrate import DIVERGENCE_CHECK, fit_layer, layer_io, reestimate_bn, relative_error
 from yolo_convplug.research.data import make_shapes
 
 PREFIX = "yolo-convplug calibration: "
@@ -126,6 +126,38 @@ def test_a_layer_whose_error_grows_is_restored_and_the_line_says_so():
     assert len(lines) == 1 and "did not lower its error" in lines[0] and "left as it was" in lines[0], lines
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert next(r for r in model._convplug_warm_start if r["layer"] == 2)["outcome"] == "approximate"
+
+
+def fitted_c2f_faster_layer():
+    """Layer 2 of a c2f-faster model loaded from the random stock model, its stock input and output, and a list
+    that counts the layer's forward calls with autograd on (the fit's steps; error measurements run without)."""
+    stock = stock_model()
+    model = DetectionModel(scaled(CFG_MODELS / "yolov8-c2f-faster.yaml"), nc=4, verbose=False)
+    model.load(stock, verbose=False)
+    steps = []
+    model.model[2].register_forward_hook(lambda m, a, y: steps.append(torch.is_grad_enabled()))
+    return stock, model, *layer_io(stock, [2], images())[2], steps
+
+
+@pytest.mark.parametrize(("lr", "converges", "expected_steps"), [(3e-3, True, 60), (500.0, False, DIVERGENCE_CHECK)],
+                         ids=["converging", "diverging"])
+def test_a_diverging_fit_gives_up_at_the_check_and_a_converging_one_runs_all_its_steps(lr, converges,
+                                                                                       expected_steps):
+    _, model, x, y, steps = fitted_c2f_faster_layer()
+    layer = model.model[2]
+    start = relative_error(layer, x, y)
+    assert fit_layer(layer, x, y, 60, lr, start_loss=start**2) is converges
+    assert sum(steps) == expected_steps
+    assert (relative_error(layer, x, y) < start) is converges
+
+
+def test_calibrate_stops_a_diverging_fit_early_retries_it_at_a_tenth_of_the_rate_then_restores_the_layer():
+    stock, model, *_, steps = fitted_c2f_faster_layer()
+    state = copy.deepcopy(model.state_dict())
+    lines = yolo_convplug.calibrate(model, stock, images(), steps=200, lr=500.0, layers=[2])  # 50 diverges too
+    assert sum(steps) == 2 * DIVERGENCE_CHECK  # not 2 x 200: each attempt stopped at the check
+    assert len(lines) == 1 and "did not lower its error" in lines[0] and "left as it was" in lines[0], lines
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_exactly_converted_model_is_not_touched():
