@@ -35,6 +35,7 @@ DEFAULT_IMAGES = 32
 DEFAULT_LR = 1e-2
 DEFAULT_BATCH = 8  # images per Adam step
 DIVERGENCE_CHECK = 50  # steps after which a fit still above its starting loss is given up
+DIVERGENCE_WINDOW = 10  # last steps before the check whose mean loss is compared with the starting loss
 NEEDS_CALIBRATION = ("approximate", "fresh")
 
 
@@ -107,9 +108,9 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = D
             loss = (layer(xb) - yb).pow(2).sum() / yb.pow(2).sum().clamp_min(1e-12)
             loss.backward()
             opt.step()
-            if start_loss is not None and DIVERGENCE_CHECK - 10 <= step < DIVERGENCE_CHECK:
+            if start_loss is not None and DIVERGENCE_CHECK - DIVERGENCE_WINDOW <= step < DIVERGENCE_CHECK:
                 window += loss.item()
-                if step == DIVERGENCE_CHECK - 1 and not window / 10 <= start_loss:  # above it, or NaN
+                if step == DIVERGENCE_CHECK - 1 and not window / DIVERGENCE_WINDOW <= start_loss:  # above, or NaN
                     return False
     reestimate_bn(layer, x)
     return True
