@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibrate import DEFAULT_IMAGES
+
 
 def load_images(data: str, n: int = 16, imgsz: int = 160, split: str = "val") -> torch.Tensor:
     """The first ``n`` images of a data YAML's ``split``, resized to ``imgsz`` square, as a float (n, 3, s, s) batch."""
@@ -58,7 +60,7 @@ def validate(model, data: str, imgsz: int) -> float:
 
 
 def check(weights: str, models: list[str], data: str, imgsz: int = 160, with_calibration: bool = False,
-          calibrate_steps: int | None = None, calibrate_images: int = 32, sequential: bool = True,
+          calibrate_steps: int | None = None, calibrate_images: int = DEFAULT_IMAGES, sequential: bool = True,
           seed: int = 0) -> list[dict]:
     """For each model YAML: mAP50-95 after conversion (no training) vs the stock checkpoint's, and layer errors;
     with ``with_calibration`` also after calibrating on the first ``calibrate_images`` training images with
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-steps", type=int, default=None,
                    help="Adam steps per layer of --calibrate (a count > 0 implies it; default: each layer's own, "
                    "100 for most, 200 for C2f_Faster)")
-    p.add_argument("--calibrate-images", type=int, default=32, help="training images used by the calibration")
+    p.add_argument("--calibrate-images", type=int, default=DEFAULT_IMAGES,
+                   help=f"training images used by the calibration (default {DEFAULT_IMAGES}, as yolo train uses)")
     p.add_argument("--seed", type=int, default=0, help="torch seed of each model's initialisation (default 0)")
     p.add_argument("--stock-inputs", action="store_true",
                    help="calibrate each layer on the stock layer's inputs instead of the partly calibrated model's")
