@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibrate import DEFAULT_IMAGES
+from ..calibrate import DEFAULT_IMAGES, calibrate, layer_io, relative_error
 
 
 def load_images(data: str, n: int = 16, imgsz: int = 160, split: str = "val") -> torch.Tensor:
@@ -31,7 +31,6 @@ def load_images(data: str, n: int = 16, imgsz: int = 160, split: str = "val") ->
 
 def layer_errors(stock, plugin, images: torch.Tensor) -> dict[int, tuple[str, float]]:
     """Layer index -> (module name, relative error of its output on the stock layer's real input)."""
-    from ..calibrate import layer_io, relative_error
     from ..registry import registered
 
     ours = tuple(e.cls for e in registered().values())
@@ -70,8 +69,6 @@ def check(weights: str, models: list[str], data: str, imgsz: int = 160, with_cal
     import time
 
     from ultralytics.nn import tasks
-
-    from ..calibrate import calibrate
 
     load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
     stock = load(weights)[0].float().eval()
