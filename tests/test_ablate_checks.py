@@ -71,3 +71,23 @@ def test_offline_fallback_is_labelled_shapes(tmp_path):
     assert ablate_mod.data_label(None, data) == "shapes"
     assert ablate_mod.data_label(TINY, data) == TINY
     assert ablate_mod.data_label(None, str(tmp_path / "coco128.yaml")) == "coco128.yaml"
+
+
+def test_warm_start_check_bad_paths_give_one_message_and_exit_2(tmp_path, capsys):
+    """``scripts/warm_start_check.py`` with a missing data YAML, missing weights or a file that is no checkpoint: one
+    line naming the argument, exit code 2, before any model is built."""
+    from yolo_convplug.research import conversion
+
+    data = str(make_shapes(TINY, root=tmp_path))
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    weights = _checkpoint(tmp_path / "stock.pt", "yolov8n.yaml", nc=4)
+    cases = [
+        (weights, "/nosuch.yaml", "data='/nosuch.yaml': no such file"),
+        ("/nosuch.pt", data, "weights /nosuch.pt: no such file"),
+        (str(text), data, f"weights {text}: does not load as an Ultralytics checkpoint"),
+    ]
+    for stock, data_yaml, message in cases:
+        assert conversion.main([stock, "yolov8n-saconv.yaml", "--data", data_yaml, "--imgsz", "64"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (stock, data_yaml, err)

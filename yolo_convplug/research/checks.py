@@ -59,18 +59,20 @@ def check_data(data: str) -> dict:
         raise ArgumentError(f"data={data!r} is not a usable dataset: {_first_line(e)}") from None
 
 
-def load_weights(weights: str):
-    """The model of a checkpoint file (Ultralytics' loader), or an error saying what the file is not."""
-    from ultralytics.nn.tasks import load_checkpoint
+def load_weights(weights: str, arg: str = "--pretrained"):
+    """The model of a checkpoint file (Ultralytics' loader), or an error naming ``arg`` and saying what the file is
+    not."""
+    from ultralytics.nn import tasks
 
+    load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
     if not Path(weights).is_file():
-        raise ArgumentError(f"--pretrained {weights}: no such file; give a .pt checkpoint such as runs/.../best.pt")
+        raise ArgumentError(f"{arg} {weights}: no such file; give a .pt checkpoint such as runs/.../best.pt")
     try:
         with _quiet_logger():
-            model, _ = load_checkpoint(weights)
+            model, _ = load(weights)
     except Exception as e:
         raise ArgumentError(
-            f"--pretrained {weights}: does not load as an Ultralytics checkpoint ({type(e).__name__}: "
+            f"{arg} {weights}: does not load as an Ultralytics checkpoint ({type(e).__name__}: "
             f"{_first_line(e)}); give a .pt file that Ultralytics saved (best.pt, last.pt, yolov8n.pt)"
         ) from None
     return model

@@ -10,12 +10,14 @@ validator before any training, next to the stock checkpoint itself.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..calibrate import DEFAULT_IMAGES, calibrate, layer_io, relative_error
+from .checks import ArgumentError, check_data, load_weights
 
 
 def load_images(data: str, n: int = 16, imgsz: int = 160, split: str = "val") -> torch.Tensor:
@@ -68,10 +70,7 @@ def check(weights: str, models: list[str], data: str, imgsz: int = 160, with_cal
     model is built, so the plug-in layers' random initialisation (what a conversion leaves) is reproducible."""
     import time
 
-    from ultralytics.nn import tasks
-
-    load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
-    stock = load(weights)[0].float().eval()
+    stock = load_weights(weights, "weights").float().eval()
     images = load_images(data, imgsz=imgsz)
     train_images = load_images(data, calibrate_images, imgsz, "train") if with_calibration else None
     rows = [{"model": Path(weights).name, "mAP50-95": validate(stock, data, imgsz), "layers": {}}]
@@ -116,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibrate each layer on the stock layer's inputs instead of the partly calibrated model's")
     a = p.parse_args(argv)
     models = a.models or [resolve_variant(slug, scale=a.scale).model for slug in slugs()]
-    rows = check(a.weights, models, a.data, a.imgsz, a.calibrate or bool(a.calibrate_steps), a.calibrate_steps,
-                 a.calibrate_images, not a.stock_inputs, a.seed)
+    try:  # before any work: the data YAML (a bare name such as coco128.yaml may download) and the weights
+        if "/" in a.data or Path(a.data).is_file():
+            check_data(a.data)
+        rows = check(a.weights, models, a.data, a.imgsz, a.calibrate or bool(a.calibrate_steps), a.calibrate_steps,
+                     a.calibrate_images, not a.stock_inputs, a.seed)
+    except ArgumentError as e:
+        print(f"warm_start_check: error: {e}", file=sys.stderr)
+        return 2
     base = rows[0]["mAP50-95"]
 
     def vs_stock(m: float) -> str:
