@@ -4,8 +4,9 @@ routing, BN and activation.
 
     python scripts/per_sample_conv_forms.py [--batch 8] [--repeats 12]
 
-Forms: one grouped convolution with the batch folded into the channels (what the modules run), a loop of batch-1
-dense convolutions, and im2col + batched matmul (what they export). Each ratio is fwd+bwd (input and kernel
+Forms: one grouped convolution with the batch folded into the channels, differentiated by PyTorch (oneDNN's grouped
+backward) or by one convolution backward per sample (what the modules train with on CPU); a loop of batch-1 dense
+convolutions; and im2col + batched matmul (what they export). Each ratio is fwd+bwd (input and kernel
 gradients, from fresh gradients) unless marked fwd, timed interleaved with the dense convolution in one run
 (``median_ms``, as ``convplug bench``), on one thread.
 """
@@ -17,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from yolo_convplug.modules._per_sample_conv import grouped_conv, out_size
+from yolo_convplug.modules._per_sample_conv import TrainableGroupedConv, grouped_conv, out_size
 from yolo_convplug.research.measure import median_ms, torch_threads
 
 SHAPES = [(64, 1, 80), (128, 2, 40), (256, 1, 20)]  # (channels, stride, map side): convplug bench's shapes
@@ -44,6 +45,7 @@ def forms(c: int, s: int, size: int, batch: int) -> dict:
     return {
         "dense": backward(lambda: F.conv2d(x, weight, None, s, 1)),
         "grouped": backward(lambda: grouped_conv(x, kernels, s, 1, 1, 1)),
+        "grouped, per-sample bwd": backward(lambda: TrainableGroupedConv.apply(x, kernels, s, 1, 1, 1)),
         "per-sample loop": backward(lambda: torch.cat([F.conv2d(x[i : i + 1], kernels[i], None, s, 1)
                                                        for i in range(batch)])),
         "im2col+bmm": backward(lambda: (flat @ F.unfold(x, 3, 1, 1, s)).view(batch, c, side, side)),

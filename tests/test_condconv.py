@@ -36,16 +36,24 @@ def test_shape_matches_conv_variants(c1, c2, k, s, p, g, d):
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("c1, c2, k, s", [(16, 32, 3, 2), (32, 32, 3, 1), (8, 16, 1, 1)])
 def test_matches_per_sample_loop(c1, c2, k, s, train):
-    """Batched grouped conv == the naive loop over samples (train without dropout: BN uses batch statistics)."""
+    """Batched grouped conv == the naive loop over samples (train without dropout: BN uses batch statistics), in its
+    output and in the gradients of the input and of every parameter (the per-sample backward of the convolution)."""
     torch.manual_seed(0)
     m = CondConv(c1, c2, k, s, dropout=0.0)
     ref = CondConvLoop(c1, c2, k, s, dropout=0.0)
     randomize_(m)
     ref.load_state_dict(m.state_dict())
     m.train(train), ref.train(train)
-    x = torch.randn(4, c1, 12, 12)
-    torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-5)
+    x = torch.randn(4, c1, 12, 12, requires_grad=True)
+    y, y_ref = m(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     assert torch.allclose(m.bn.running_mean, ref.bn.running_mean, atol=1e-6)
+    g = torch.randn_like(y)
+    names = [name for name, _ in m.named_parameters()]
+    grads = torch.autograd.grad(y, [x, *m.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *(dict(ref.named_parameters())[name] for name in names)], g)
+    for name, grad, grad_ref in zip(["input", *names], grads, grads_ref):
+        assert rel_err(grad, grad_ref) < 1e-5, name
 
 
 def test_samples_get_different_kernels():

@@ -68,10 +68,48 @@ def reference(m: ODConv, x: torch.Tensor) -> torch.Tensor:
 def test_matches_per_sample_reference(c1, c2, k, s, p, g, d, n, train):
     torch.manual_seed(0)
     m = randomize(ODConv(c1, c2, k, s, p, g, d, kernel_num=n, temperature=1.5)).train(train)
-    x = torch.randn(4, c1, 12, 12)
-    with torch.no_grad():
-        expected = reference(m, x)
-        assert rel_err(m(x), expected) < 1e-5
+    x = torch.randn(4, c1, 12, 12, requires_grad=True)
+    y, expected = m(x), reference(m, x)
+    assert rel_err(y, expected) < 1e-5
+    g = torch.randn_like(y)  # the gradients too: the per-sample convolution has its own backward
+    params = [p for p in m.parameters() if p.requires_grad]
+    for grad, grad_ref in zip(torch.autograd.grad(y, [x, *params], g),
+                              torch.autograd.grad(expected, [x, *params], g, allow_unused=True)):
+        assert rel_err(grad, grad_ref) < 1e-4  # float32 sums over every pixel: measured up to 1.3e-5
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(("k", "s", "n"), [(3, 2, 2), (1, 1, 1)])  # 1x1 with one kernel: no per-sample kernel factor
+@pytest.mark.parametrize("placement", [(False, False), (True, False), (False, True), (True, True)])
+def test_channel_attentions_on_maps_or_kernels_match_the_reference(placement, k, s, n, train, monkeypatch):
+    """a_c on the input map or the kernels, a_f on the output map or the kernels: each placement is the paper's
+    ODConv, in the output and the gradients, plain, fused and exported at other batch sizes."""
+    torch.manual_seed(0)
+    m = randomize(ODConv(64, 64, k, s, kernel_num=n)).train(train)
+    monkeypatch.setattr(m, "placement", lambda x: placement)
+    x = torch.randn(3, 64, 6, 6, requires_grad=True)
+    y, expected = m(x), reference(m, x)
+    assert rel_err(y, expected) < 1e-5
+    g = torch.randn_like(y)
+    for grad, grad_ref in zip(torch.autograd.grad(y, [x, *m.parameters()], g),
+                              torch.autograd.grad(expected, [x, *m.parameters()], g)):
+        assert rel_err(grad, grad_ref) < 1e-5
+    if not train:
+        with torch.no_grad():
+            assert rel_err(m.fuse()(x), expected) < 1e-5
+        for y, expected in onnx_outputs(m, x[:2].detach()):
+            assert rel_err(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize(("c1", "c2", "k", "s", "size", "placement"), [
+    (64, 64, 3, 1, 80, (False, False)),  # large map: both on the kernels
+    (64, 64, 3, 2, 4, (False, True)),  # strided: the output map is the smallest
+    (16, 64, 3, 1, 8, (True, False)),  # few input channels: the input map
+    (64, 64, 1, 1, 4, (True, True)),  # 1x1 on a small map: the kernels keep no attention
+])
+def test_attentions_go_where_they_cost_fewest_multiplies(c1, c2, k, s, size, placement):
+    m = ODConv(c1, c2, k, s, kernel_num=1)
+    assert m.placement(torch.zeros(2, c1, size, size)) == placement
 
 
 @pytest.mark.parametrize(("c1", "c2", "k", "g", "spatial", "filter_"),

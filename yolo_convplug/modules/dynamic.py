@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ultralytics.nn.modules.conv import autopad
 
-from ._per_sample_conv import grouped_conv, out_size, per_sample_conv
+from ._per_sample_conv import TrainableGroupedConv, grouped_conv, out_size, per_sample_conv
 from ._stock import copy_bn, stock_conv_bn
 from ._utils import check_conv_args, require_int, require_number, resolve_act
 
@@ -34,11 +34,13 @@ class DynamicKernelConv(nn.Module):
 
     The whole batch runs as one grouped convolution: the batch is folded into the channel axis,
     ``x -> (1, B·c1, H, W)``, the ``B`` per-sample kernels are stacked to ``(B·c2, c1/g, k, k)`` and
-    ``groups = B·g``. No Python loop over samples. Folding bakes the batch size into the graph (the ``groups``
-    attribute), so while tracing (``torch.jit.trace``, ``torch.onnx.export``) the same product is computed as
-    im2col + batched matmul, ``K_b @ unfold(x_b)``, whose graph has no batch-dependent constant: exported models
-    run at any batch size. Under ``torch.compile`` (whose inductor cannot lower ``groups = B`` for a dynamic batch)
-    the grouped convolution runs as one opaque operator (:mod:`._per_sample_conv`) with a symbolic batch.
+    ``groups = B·g``. No Python loop over samples in the forward; on CPU the backward runs one convolution backward
+    per sample, which oneDNN computes faster than the grouped one (:mod:`._per_sample_conv`). Folding bakes the
+    batch size into the graph (the ``groups`` attribute), so while tracing (``torch.jit.trace``, ``torch.onnx.export``)
+    the same product is computed as im2col + batched matmul, ``K_b @ unfold(x_b)``, whose graph has no batch-dependent
+    constant: exported models run at any batch size. Under ``torch.compile`` (whose inductor cannot lower ``groups = B``
+    for a dynamic batch) the grouped convolution runs as one opaque operator (:mod:`._per_sample_conv`) with a
+    symbolic batch.
 
     ``fuse()`` folds BN into every kernel of the bank: with ``a = gamma / sqrt(var + eps)`` per output channel,
     ``BN(conv(x, K)) = conv(x, a ⊙ K) + (beta - a·mu)``, and ``a ⊙ K`` is the kernel computed from the bank
@@ -75,13 +77,18 @@ class DynamicKernelConv(nn.Module):
 
     def dynamic_conv(self, x, bias=None):
         """Convolve every sample with its own kernel ``kernels(x)[b]`` (plus an optional per-channel bias)."""
-        kernels = self.kernels(x)
+        return self.convolve(x, self.kernels(x), bias)
+
+    def convolve(self, x, kernels, bias=None):
+        """Convolve sample ``b`` of ``x`` with ``kernels[b]`` (flattened, (B, c2·c1/g·k·k)), plus ``bias``."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return self._unfold_conv(x, kernels, bias)
         kernels = kernels.reshape(len(x), self.c2, self.c1 // self.g, self.k, self.k)
         if torch.compiler.is_compiling():  # one opaque operator: inductor cannot lower groups = B for a dynamic B
             y = per_sample_conv(x, kernels, self.s, self.p, self.d, self.g)
             return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+        if bias is None:  # training (BN unfused)
+            return TrainableGroupedConv.apply(x, kernels, self.s, self.p, self.d, self.g)
         return grouped_conv(x, kernels, self.s, self.p, self.d, self.g, bias)
 
     def _unfold_conv(self, x, kernels, bias):

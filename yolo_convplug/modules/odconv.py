@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register
+from ._per_sample_conv import out_size
 from ._utils import require, require_int, require_number
 from .dynamic import DynamicKernelConv, per_sample_conv_macs
 
@@ -27,7 +30,9 @@ class ODConv(DynamicKernelConv):
 
     ``a_s``, ``a_c`` and ``a_f`` are shared by the ``n`` kernels, so ``W(x) = a_s ⊙ a_c ⊙ a_f ⊙ sum_i a_w_i W_i``:
     one mixture, scaled along the three other kernel dimensions, then the batched per-sample convolution of
-    :class:`DynamicKernelConv` (one grouped convolution; im2col + batched matmul under tracing and export).
+    :class:`DynamicKernelConv` (one grouped convolution; im2col + batched matmul under tracing and export). Where
+    a map is smaller than the kernels (many channels on a small map, strided layers' output) ``a_c`` scales the
+    input map or ``a_f`` the output map instead, the same product in fewer multiplies (:meth:`placement`).
 
     The three sigmoid attentions are ``2·sigmoid``, not the paper's ``sigmoid``: 1 at zero logits, so a layer
     converted from a ``Conv`` (head weights and biases 0) computes exactly ``W``. Their product is 8 times the
@@ -128,16 +133,50 @@ class ODConv(DynamicKernelConv):
 
     def kernels(self, x):
         """Every sample's kernel ``a_s ⊙ a_c ⊙ a_f ⊙ sum_i a_w_i W_i``, flattened: (B, c2·c1/g·k·k)."""
-        a_s, a_c, a_f, a_w = self.attentions(x)
+        return self.scaled_kernels(*self.attentions(x))
+
+    def scaled_kernels(self, a_s, a_c, a_f, a_w):
+        """``sum_i a_w_i W_i`` scaled by those of ``a_s``, ``a_c``, ``a_f`` that are not None, flattened: (B or 1,
+        c2·c1/g·k·k)."""
         g, c1g, c2g, kk = self.g, self.c1 // self.g, self.c2 // self.g, self.k * self.k
-        bank = self.weight if a_w is None else a_w @ self.weight  # (B or 1, c2·c1/g·k·k)
+        bank = (self.weight if a_w is None else a_w @ self.weight).view(-1, g, c2g, c1g, kk)
         # kernel layout (c2, c1/g, k, k) = (g, c2/g, c1/g, k·k): output channel j·c2/g + o sees inputs j·c1/g + i
-        scale = a_c.view(-1, g, 1, c1g, 1)
-        if a_f is not None:
-            scale = a_f.view(-1, g, c2g, 1, 1) * scale
-        if a_s is not None:
-            scale = scale * a_s.view(-1, 1, 1, 1, kk)
-        return (bank.view(-1, g, c2g, c1g, kk) * scale).flatten(1)
+        scale = None
+        for a, shape in ((a_c, (-1, g, 1, c1g, 1)), (a_f, (-1, g, c2g, 1, 1)), (a_s, (-1, 1, 1, 1, kk))):
+            if a is not None:
+                scale = a.view(shape) if scale is None else scale * a.view(shape)
+        return (bank if scale is None else bank * scale).flatten(1)
+
+    def placement(self, x) -> tuple[bool, bool]:
+        """Whether ``a_c`` scales the input map and ``a_f`` the output map instead of every kernel: whichever costs
+        fewer multiplies per sample, as ``conv(x, a_c ⊙ a_f ⊙ K) = a_f ⊙ conv(a_c ⊙ x, K)`` (``a_c`` scales the
+        kernel's input channels, ``a_f`` its output channels). The attentions left on the kernel combine into one
+        scale (the product of their sizes, when two or more) that multiplies every weight; one on a map costs one
+        multiply per map element."""
+        h, w = x.shape[2:]
+        ho, wo = (out_size(n, self.k, self.s, self.p, self.d) for n in (h, w))
+        spatial, filter_ = self.attn_spatial is not None, self.attn_out is not None
+
+        def cost(c_on_map, f_on_map):
+            sizes = [n for n, on in ((self.c1 // self.g, not c_on_map), (self.c2, filter_ and not f_on_map),
+                                     (self.k**2, spatial)) if on]
+            kernel = self.c2 * (self.c1 // self.g) * self.k**2 + (math.prod(sizes) if len(sizes) > 1 else 0)
+            return kernel * bool(sizes) + c_on_map * self.c1 * h * w + f_on_map * self.c2 * ho * wo
+
+        return min(((c, f) for c in (False, True) for f in (False, filter_)), key=lambda cf: cost(*cf))
+
+    def dynamic_conv(self, x, bias=None):
+        """The per-sample convolution with ``a_c`` and ``a_f`` on the kernels or the maps (:meth:`placement`)."""
+        a_s, a_c, a_f, a_w = self.attentions(x)
+        c_on_map, f_on_map = self.placement(x)
+        kernels = self.scaled_kernels(a_s, None if c_on_map else a_c, None if f_on_map else a_f, a_w)
+        if kernels.shape[0] == 1:  # 1x1, one kernel, both attentions on the maps: nothing per sample on the kernel
+            kernels = kernels.expand(x.shape[0], -1)
+        y = self.convolve(x * a_c[:, :, None, None] if c_on_map else x, kernels, None if f_on_map else bias)
+        if not f_on_map:
+            return y
+        y = y * a_f[:, :, None, None]
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
 
     @torch.no_grad()
     def convert_from(self, stock: nn.Module, noise: float = 0.01) -> str:
