@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from ultralytics.nn.modules.conv import Conv
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
@@ -20,6 +21,12 @@ def resolve_act(act) -> nn.Module:
     if act in (False, None):
         return nn.Identity()
     raise ValueError(f"act={act!r} is not valid: use True (default activation), False (none) or an nn.Module")
+
+
+def spatial_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Mean of ``x`` (B, C, H, W) over the map as ``sum / (H * W)``: the gradient of a sum is a broadcast view, the
+    gradient of ``mean`` a materialised full-size tensor (one pass over the map more in every backward)."""
+    return x.sum((2, 3), keepdim=keepdim) / (x.shape[2] * x.shape[3])
 
 
 def require(condition: bool, module: str, argument: str, value, fix: str) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..registry import ConversionError, register
-from ._utils import require_number
+from ._utils import require_number, spatial_mean
 from .dynamic import DynamicKernelConv, per_sample_conv_macs
 
 
@@ -60,7 +60,7 @@ class CondConv(DynamicKernelConv):
 
     def routing_weights(self, x):
         """Per-sample expert weights ``sigmoid(R · dropout(GAP(x)) + b_R)``, shape (B, experts)."""
-        return torch.sigmoid(self.routing(self.dropout(x.mean((2, 3)))))
+        return torch.sigmoid(self.routing(self.dropout(spatial_mean(x))))
 
     def kernels(self, x):
         """Every sample's kernel ``sum_i r_i(x) W_i``, flattened: (B, c2·c1/g·k·k)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..registry import register
 from ._per_sample_conv import out_size
-from ._utils import require, require_int, require_number
+from ._utils import require, require_int, require_number, spatial_mean
 from .dynamic import DynamicKernelConv, per_sample_conv_macs
 
 
@@ -118,7 +118,7 @@ class ODConv(DynamicKernelConv):
     def attentions(self, x):
         """Per-sample ``(a_s (B, k·k), a_c (B, c1), a_f (B, c2), a_w (B, n))``; a missing head's attention is
         None (``a_s`` at k = 1, ``a_f`` depth-wise, ``a_w`` at n = 1)."""
-        z = self.fc(x.mean((2, 3)))
+        z = self.fc(spatial_mean(x))
         if self.training and z.shape[0] == 1:  # one sample has no batch statistics: use the running ones
             bn = self.fc_bn
             z = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)

@@ -16,16 +16,15 @@ from ultralytics.nn.modules.conv import autopad
 from ..registry import register
 from ._deform import deform_conv
 from ._stock import stock_conv_bn
-from ._utils import check_conv_args, require, resolve_act
+from ._utils import check_conv_args, require, resolve_act, spatial_mean
 
 
 def _context(x, conv):
     """Global context ``conv(GAP(x))`` of a 1x1 ``conv`` as a (B, C, 1, 1) tensor.
 
-    ``sum / (H * W)`` rather than ``mean``: the gradient of ``sum`` is a broadcast view, the gradient of ``mean``
-    a materialised full-size tensor; ``linear`` is cheaper than a 1x1 convolution on a 1x1 map.
+    ``linear`` is cheaper than a 1x1 convolution on a 1x1 map.
     """
-    return F.linear(x.sum((2, 3)) / (x.shape[2] * x.shape[3]), conv.weight.flatten(1), conv.bias)[..., None, None]
+    return F.linear(spatial_mean(x), conv.weight.flatten(1), conv.bias)[..., None, None]
 
 
 def _reflect_index(n, device):

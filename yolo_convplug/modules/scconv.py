@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ultralytics.nn.modules.conv import autopad
 
 from ..registry import ConversionError, register
-from ._utils import check_conv_args, require, require_int, require_number, resolve_act
+from ._utils import check_conv_args, require, require_int, require_number, resolve_act, spatial_mean
 
 
 class GroupNorm4d(nn.GroupNorm):
@@ -193,7 +193,7 @@ class ScConv(nn.Module):
             y1 += self.gwc(u)
         low = self.squeeze2(self._pointwise_input(lower))
         y2 = torch.cat((self.pwc2(low), low), 1)
-        b1 = torch.sigmoid(y1.mean((2, 3), keepdim=True) - y2.mean((2, 3), keepdim=True))  # softmax of the pair
+        b1 = torch.sigmoid(spatial_mean(y1, True) - spatial_mean(y2, True))  # softmax of the pair
         return torch.lerp(y2, y1, b1)  # b1 ⊙ Y1 + (1 - b1) ⊙ Y2
 
     def forward(self, x):

@@ -14,7 +14,7 @@ from ultralytics.nn.modules.conv import autopad
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from ..registry import register
-from ._utils import check_conv_args, require, require_int, require_number, resolve_act
+from ._utils import check_conv_args, require, require_int, require_number, resolve_act, spatial_mean
 
 
 def _fold_bn_into_sum(gwc: nn.Conv2d, pwc: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[nn.Conv2d, nn.Conv2d]:
@@ -85,7 +85,7 @@ class SPConv(nn.Module):
         u = self.cheap(self._pool(x_u))
         if hasattr(self, "rep_bn"):
             r, u = self.rep_bn(r), self.red_bn(u)
-        weights = torch.stack((r.mean((2, 3)), u.mean((2, 3)))).softmax(0)[..., None, None]
+        weights = torch.stack((spatial_mean(r), spatial_mean(u))).softmax(0)[..., None, None]
         return weights[0] * r + weights[1] * u
 
     def forward(self, x):
