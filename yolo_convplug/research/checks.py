@@ -19,7 +19,11 @@ class ArgumentError(ValueError):
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """The exception's first line without terminal colours (Ultralytics 8.3 colours the argument's name)."""
+    from ultralytics.utils import remove_colorstr
+
+    text = remove_colorstr(str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_train_args(train_args: dict) -> None:
