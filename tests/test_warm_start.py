@@ -110,3 +110,20 @@ def test_weights_of_another_scale_name_each_skipped_plugin_layer(path, monkeypat
         for k, v in model.state_dict().items():
             if k.startswith(f"model.{i}."):
                 assert torch.equal(v, fresh[k]), k
+
+
+def test_a_model_built_from_a_fresh_warm_start_inherits_its_records():
+    """Ultralytics 8.3's ``yolo train pretrained=`` warm-starts the YOLO model, then builds the trainer's model from
+    it: that copy keeps the warm start's records (so calibration still runs); a checkpoint's pickled model, whose
+    records describe an old start, passes none on."""
+    yaml = scaled(CFG_MODELS / "yolov8-scconv.yaml")
+    first = DetectionModel(yaml, ch=3, nc=80, verbose=False)
+    first.load(stock_model("yolov8n.yaml"))
+    assert {r["outcome"] for r in first._convplug_warm_start} == {"fresh"}
+    copied = DetectionModel(yaml, ch=3, nc=80, verbose=False)
+    copied.load(first)
+    assert copied._convplug_warm_start == first._convplug_warm_start
+    assert copied._convplug_warm_start is not first._convplug_warm_start
+    from_checkpoint = DetectionModel(yaml, ch=3, nc=80, verbose=False)
+    from_checkpoint.load(checkpoint(first))
+    assert not hasattr(from_checkpoint, "_convplug_warm_start")

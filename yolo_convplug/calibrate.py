@@ -260,10 +260,10 @@ def on_pretrain_routine_end(trainer) -> None:
     weights = trainer.args.pretrained
     if not isinstance(weights, (str, os.PathLike)) or not getattr(trainer, "train_loader", None):
         return
-    from ultralytics.utils import LOGGER, RANK
-    from ultralytics.utils.torch_utils import unwrap_model
+    from ultralytics.utils import LOGGER, RANK, torch_utils
 
-    model = unwrap_model(trainer.model)
+    unwrap = getattr(torch_utils, "unwrap_model", None) or torch_utils.de_parallel  # 8.4 / 8.3.0 name
+    model = unwrap(trainer.model)
     if not any(r["outcome"] in NEEDS_CALIBRATION for r in getattr(model, "_convplug_warm_start", ())):
         return
     if RANK in {-1, 0}:

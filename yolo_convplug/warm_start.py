@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 
 from .registry import ConversionError, registered, replaced_classes
 
@@ -43,6 +44,11 @@ class _WithoutLayers:
 
     def state_dict(self, *args, **kwargs):
         return {k: v for k, v in self._model.state_dict(*args, **kwargs).items() if not k.startswith(self._prefixes)}
+
+
+# models warm-started in this process: a plug-in model loaded from one of them inherits its records (Ultralytics 8.3's
+# `yolo train pretrained=` loads the stock weights into the YOLO model, then builds the trainer's model from that)
+_WARM_STARTED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _record(i: int, name: str, source: str, outcome: str, detail: str) -> dict:
@@ -95,6 +101,10 @@ def convert_layers(model, source) -> tuple[list[str], tuple[str, ...]]:
             records.append(_record(i, name, src_name, outcome, str(detail)))
     if records:
         model._convplug_warm_start = records
+        _WARM_STARTED.add(model)
+    elif source in _WARM_STARTED and hasattr(source, "_convplug_warm_start"):  # a copy of a fresh warm start
+        model._convplug_warm_start = [dict(r) for r in source._convplug_warm_start]
+        _WARM_STARTED.add(model)
     return [summary_line(r) for r in records], tuple(prefixes)
 
 
