@@ -260,17 +260,15 @@ def on_pretrain_routine_end(trainer) -> None:
     weights = trainer.args.pretrained
     if not isinstance(weights, (str, os.PathLike)) or not getattr(trainer, "train_loader", None):
         return
-    from ultralytics.utils import LOGGER, RANK, torch_utils
+    from ultralytics.utils import LOGGER, RANK
 
-    unwrap = getattr(torch_utils, "unwrap_model", None) or torch_utils.de_parallel  # 8.4 / 8.3.0 name
-    model = unwrap(trainer.model)
+    from .ultralytics_compat import load_checkpoint, unwrap_model
+
+    model = unwrap_model(trainer.model)
     if not any(r["outcome"] in NEEDS_CALIBRATION for r in getattr(model, "_convplug_warm_start", ())):
         return
     if RANK in {-1, 0}:
-        from ultralytics.nn import tasks
-
-        load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
-        stock = load(weights)[0].float().to(trainer.device).eval()
+        stock = load_checkpoint(weights)[0].float().to(trainer.device).eval()
         images = training_images(trainer.train_loader, _env_int("YOLO_CONVPLUG_CALIBRATE_IMAGES", DEFAULT_IMAGES))
         steps = _env_int("YOLO_CONVPLUG_CALIBRATE_STEPS", None)  # unset: each layer's default_steps
         for line in calibrate(model, stock, images.to(trainer.device), steps=steps):

@@ -1,8 +1,9 @@
 """What this package knows about Ultralytics releases, in one place: the supported range (``pyproject.toml``'s
-dependency must say the same; a test checks it), version parsing, the model families a release can build, and the
-model classes that Ultralytics picks by head or task. What the installed parser itself says (its module roles, the
-modules that select the modern Detect head) is read from its source by the patch that extends it,
-:func:`yolo_convplug.integration.ultralytics_roles` and :func:`~yolo_convplug.integration.non_legacy_modules`."""
+dependency must say the same; a test checks it), version parsing, the model families a release can build, the model
+classes that Ultralytics picks by head or task, and the functions it renamed between releases. What the installed
+parser itself says (its module roles, the modules that select the modern Detect head) is read from its source by the
+patch that extends it, :func:`yolo_convplug.integration.ultralytics_roles` and
+:func:`~yolo_convplug.integration.non_legacy_modules`."""
 
 from __future__ import annotations
 
@@ -46,6 +47,22 @@ def installed_version() -> str:
 def in_supported_range(ver: str) -> bool:
     v = parse_version(ver)
     return MINIMUM <= v and v[:2] < BELOW
+
+
+def load_checkpoint(weights):
+    """``(model, checkpoint)`` of a .pt file by Ultralytics' own loader: ``load_checkpoint`` (8.4) or its 8.3 name
+    ``attempt_load_one_weight``."""
+    from ultralytics.nn import tasks
+
+    return (getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight)(weights)
+
+
+def unwrap_model(model):
+    """A model without its DDP/compile wrappers: Ultralytics' ``unwrap_model`` (8.4) or its 8.3.0 name
+    ``de_parallel``."""
+    from ultralytics.utils import torch_utils
+
+    return (getattr(torch_utils, "unwrap_model", None) or torch_utils.de_parallel)(model)
 
 
 def family_minimum(yaml_name: str) -> tuple[int, ...] | None:

@@ -22,7 +22,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .checks import check_data, check_train_args, check_transfer, load_weights
+from .checks import check_local_data, check_train_args, check_transfer, load_weights
 from .data import resolve_data, same_images
 from .execute import InProcess, RayExecutor, RayUnavailable, connect_ray, default_resources, ray_resources
 from .plan import (
@@ -69,8 +69,7 @@ def check_inputs(baseline, data: str, train_args: dict) -> tuple[int, int] | Non
     """Check the train arguments, the data and the weights once, before any run (:mod:`.checks`); return the
     (transferred, total) tensors of the baseline when fine-tuning."""
     check_train_args(train_args)
-    local = Path(data).is_file()
-    nc = check_data(data).get("nc") if local or "/" in data else None  # a bare name (coco128.yaml) may download
+    nc = (check_local_data(data) or {}).get("nc")
     weights = train_args.get("pretrained")
     if not weights or not Path(str(weights)).suffix == ".pt" or not (Path(weights).is_file() or "/" in str(weights)):
         return None  # training from scratch, or an Ultralytics weights name it downloads

@@ -63,17 +63,22 @@ def check_data(data: str) -> dict:
         raise ArgumentError(f"data={data!r} is not a usable dataset: {_first_line(e)}") from None
 
 
+def check_local_data(data: str) -> dict | None:
+    """:func:`check_data` of a data YAML given as a file or a path; None for a bare name such as ``coco128.yaml``,
+    which Ultralytics may download."""
+    return check_data(data) if Path(data).is_file() or "/" in data else None
+
+
 def load_weights(weights: str, arg: str = "--pretrained"):
     """The model of a checkpoint file (Ultralytics' loader), or an error naming ``arg`` and saying what the file is
     not."""
-    from ultralytics.nn import tasks
+    from ..ultralytics_compat import load_checkpoint
 
-    load = getattr(tasks, "load_checkpoint", None) or tasks.attempt_load_one_weight  # 8.4 / 8.3 name
     if not Path(weights).is_file():
         raise ArgumentError(f"{arg} {weights}: no such file; give a .pt checkpoint such as runs/.../best.pt")
     try:
         with _quiet_logger():
-            model, _ = load(weights)
+            model, _ = load_checkpoint(weights)
     except Exception as e:
         raise ArgumentError(
             f"{arg} {weights}: does not load as an Ultralytics checkpoint ({type(e).__name__}: "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..calibrate import DEFAULT_IMAGES, calibrate, layer_io, relative_error
-from .checks import ArgumentError, check_data, load_weights
+from .checks import ArgumentError, check_local_data, load_weights
 
 
 def load_images(data: str, n: int = 16, imgsz: int = 160, split: str = "val") -> torch.Tensor:
@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibrate each layer on the stock layer's inputs instead of the partly calibrated model's")
     a = p.parse_args(argv)
     models = a.models or [resolve_variant(slug, scale=a.scale).model for slug in slugs()]
-    try:  # before any work: the data YAML (a bare name such as coco128.yaml may download) and the weights
-        if "/" in a.data or Path(a.data).is_file():
-            check_data(a.data)
+    try:  # before any work: the data YAML and the weights
+        check_local_data(a.data)
         rows = check(a.weights, models, a.data, a.imgsz, a.calibrate or bool(a.calibrate_steps), a.calibrate_steps,
                      a.calibrate_images, not a.stock_inputs, a.seed)
     except ArgumentError as e:
