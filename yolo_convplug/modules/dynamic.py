@@ -26,9 +26,10 @@ def per_sample_conv_macs(m, x, y):
 class DynamicKernelConv(nn.Module):
     """Convolution whose kernel is computed per sample from a bank of ``n`` kernels, then BatchNorm and activation.
 
-    A subclass defines ``kernels(x)``: every sample's kernel ``K_b``, flattened to shape (B, c2·c1/g·k·k). This base
-    holds the bank ``weight`` (n, c2·c1/g·k·k), each row initialised like an ``nn.Conv2d`` kernel (c2, c1/g, k, k),
-    and computes::
+    A subclass defines ``kernels(x)``: every sample's kernel ``K_b``, flattened to shape (B, c2·c1/g·k·k); or, where
+    part of the kernel's scaling is cheaper on the maps (ODConv), its own ``dynamic_conv`` around :meth:`convolve`.
+    This base holds the bank ``weight`` (n, c2·c1/g·k·k), each row initialised like an ``nn.Conv2d`` kernel (c2,
+    c1/g, k, k), and computes::
 
         y = act(BN(conv(x_b, K_b, stride=s, padding=autopad(k, p, d), dilation=d, groups=g)))   for every sample b
 

@@ -131,10 +131,6 @@ class ODConv(DynamicKernelConv):
         a_w = None if self.attn_kernel is None else torch.softmax(self.attn_kernel(z) / t, 1)
         return a_s, a_c, a_f, a_w
 
-    def kernels(self, x):
-        """Every sample's kernel ``a_s ⊙ a_c ⊙ a_f ⊙ sum_i a_w_i W_i``, flattened: (B, c2·c1/g·k·k)."""
-        return self.scaled_kernels(*self.attentions(x))
-
     def scaled_kernels(self, a_s, a_c, a_f, a_w):
         """``sum_i a_w_i W_i`` scaled by those of ``a_s``, ``a_c``, ``a_f`` that are not None, flattened: (B or 1,
         c2·c1/g·k·k)."""
